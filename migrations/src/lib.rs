@@ -1,0 +1,19 @@
+//! Schema migrations for the billing service.
+//!
+//! One migration set that runs unchanged on SQLite (the embedded default) and
+//! PostgreSQL: only portable column types, constraints written with sea-query
+//! so each backend gets its own dialect. Migrations are append-only: a change
+//! to the schema is a new `m<date>_<what>.rs`, never an edit of a shipped one.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_initial_schema;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261121_000001_initial_schema::Migration)]
+    }
+}

@@ -1,0 +1,698 @@
+//! The REST gateway (CONTRACT §3): every route is a translation to one gRPC
+//! call through the generated clients, over an in-process channel in
+//! `billing serve` or the network in `billing gateway --upstream`. It holds no
+//! business logic: JSON in, gRPC request out, gRPC answer back as JSON, and a
+//! gRPC status as the HTTP status of CONTRACT §4.
+//!
+//! One table ([`routes`]) drives both the axum router and `/openapi.json`, so
+//! the document cannot drift from what is served.
+
+mod envelope;
+mod openapi;
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{MethodRouter, get},
+};
+use serde::Serialize;
+use tonic::{Request, Status};
+use tower::BoxError;
+
+pub use envelope::{ApiError, ApiResult, JsonBody, Num, Pagination};
+pub use openapi::{Access, RouteDoc};
+
+use crate::{metrics::Metrics, pb};
+
+/// A gRPC channel to the billing services: in-process or over the network.
+pub type GrpcChannel = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    ChannelError,
+>;
+
+/// Why a gateway channel could not carry a call (transport level).
+///
+/// A concrete type rather than `BoxError`: tonic's client bounds then hold
+/// for every lifetime, which `async` handlers need to be `Send`.
+#[derive(Debug)]
+pub struct ChannelError(pub BoxError);
+
+impl std::fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ChannelError {}
+
+/// Largest accepted request body (webhooks included).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct Gateway {
+    channel: GrpcChannel,
+    metrics: Arc<Metrics>,
+}
+
+/// A gRPC request carrying the caller's bearer token as metadata.
+fn grpc_request<T>(headers: &HeaderMap, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(value) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// One unary call to `path` with prost messages (for routes whose typed
+/// translation comes with their capability).
+async fn unary<Req, Resp>(
+    channel: GrpcChannel,
+    path: &'static str,
+    request: Request<Req>,
+) -> Result<Resp, Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("upstream not ready: {e}")))?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let path = http::uri::PathAndQuery::from_static(path);
+    Ok(grpc.unary(request, path, codec).await?.into_inner())
+}
+
+/// A route whose capability is not built yet: it still makes the gRPC call
+/// (so authentication and roles answer first), which answers UNIMPLEMENTED,
+/// shown as 501 in the envelope.
+fn pending<Req, Resp>(method: Method, path: &'static str) -> MethodRouter<Gateway>
+where
+    Req: prost::Message + Default + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let handler = move |State(gw): State<Gateway>, headers: HeaderMap| async move {
+        let result: Result<Resp, Status> =
+            unary(gw.channel, path, grpc_request(&headers, Req::default())).await;
+        match result {
+            Ok(_) => ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "NOT_IMPLEMENTED",
+                "not implemented",
+            )
+            .into_response(),
+            Err(status) => ApiError::from(status).into_response(),
+        }
+    };
+    axum::routing::on(
+        method
+            .try_into()
+            .unwrap_or(axum::routing::MethodFilter::GET),
+        handler,
+    )
+}
+
+// ---- built routes -------------------------------------------------------
+
+#[derive(Serialize)]
+struct PackJson {
+    id: String,
+    name: String,
+    code: String,
+    credits: i64,
+    price: Num,
+}
+
+async fn list_packs(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::packs_service_client::PacksServiceClient::new(gw.channel);
+    let packs = client
+        .list_packs(grpc_request(&headers, pb::ListPacksRequest {}))
+        .await?
+        .into_inner()
+        .packs;
+    Ok(envelope::ok(
+        packs
+            .into_iter()
+            .map(|p| PackJson {
+                id: p.id,
+                name: p.name,
+                code: p.code,
+                credits: p.credits,
+                price: Num::money(p.price_cents),
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
+#[derive(Serialize)]
+struct RateJson {
+    id: String,
+    meter: String,
+    unit: String,
+    model: Option<String>,
+    credits_per_unit: Num,
+    description: String,
+}
+
+async fn list_rates(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
+    let rates = client
+        .list_rates(grpc_request(&headers, pb::ListRatesRequest {}))
+        .await?
+        .into_inner()
+        .rates;
+    Ok(envelope::ok(
+        rates
+            .into_iter()
+            .map(|r| RateJson {
+                id: r.id,
+                meter: r.meter,
+                unit: r.unit,
+                model: r.model,
+                credits_per_unit: Num::credits(r.credits_per_unit_micros),
+                description: r.description,
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// A plan as the public listing shows it (seed 004).
+#[derive(Serialize)]
+struct PlanJson {
+    id: String,
+    code: String,
+    name: String,
+    description: String,
+    price_monthly: i64,
+    price_yearly: i64,
+    credits_included: i64,
+    features: Vec<String>,
+}
+
+impl From<pb::Plan> for PlanJson {
+    fn from(p: pb::Plan) -> Self {
+        Self {
+            id: p.id,
+            code: p.code,
+            name: p.name,
+            description: p.description,
+            price_monthly: p.price_monthly_cents,
+            price_yearly: p.price_yearly_cents,
+            credits_included: p.credits_included,
+            features: p.features,
+        }
+    }
+}
+
+async fn list_plans(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::subscriptions_service_client::SubscriptionsServiceClient::new(gw.channel);
+    let plans = client
+        .list_plans(grpc_request(&headers, pb::ListPlansRequest {}))
+        .await?
+        .into_inner()
+        .plans;
+    Ok(envelope::ok(
+        plans.into_iter().map(PlanJson::from).collect::<Vec<_>>(),
+    ))
+}
+
+/// A plan as admins see it: every field, inactive plans included.
+#[derive(Serialize)]
+struct AdminPlanJson {
+    #[serde(flatten)]
+    public: PlanJson,
+    tier: i32,
+    currency: String,
+    active: bool,
+    stripe_price_monthly: Option<String>,
+    stripe_price_yearly: Option<String>,
+    creem_product_id: Option<String>,
+}
+
+impl From<pb::Plan> for AdminPlanJson {
+    fn from(p: pb::Plan) -> Self {
+        let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
+        Self {
+            tier: p.tier,
+            currency: p.currency.clone(),
+            active: p.active,
+            stripe_price_monthly: none_if_empty(p.stripe_price_monthly.clone()),
+            stripe_price_yearly: none_if_empty(p.stripe_price_yearly.clone()),
+            creem_product_id: none_if_empty(p.creem_product_id.clone()),
+            public: PlanJson::from(p),
+        }
+    }
+}
+
+async fn admin_list_plans(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let plans = client
+        .list_plans(grpc_request(&headers, pb::AdminListPlansRequest {}))
+        .await?
+        .into_inner()
+        .plans;
+    Ok(envelope::ok(
+        plans
+            .into_iter()
+            .map(AdminPlanJson::from)
+            .collect::<Vec<_>>(),
+    ))
+}
+
+// ---- probes, metrics, documents ----------------------------------------
+
+async fn healthz() -> Response {
+    envelope::ok(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when the gRPC side reports SERVING (it does once the database
+/// answers and migrations are applied).
+async fn readyz(State(gw): State<Gateway>) -> Response {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(gw.channel);
+    let answer = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    match answer.map(|r| r.into_inner().status()) {
+        Ok(tonic_health::pb::health_check_response::ServingStatus::Serving) => {
+            envelope::ok(serde_json::json!({ "status": "ready" }))
+        }
+        _ => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NOT_READY", "not ready").into_response()
+        }
+    }
+}
+
+async fn metrics(State(gw): State<Gateway>) -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gw.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(method: Method, uri: http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Every documented route with its handler.
+pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
+    use Access::{Admin, Public, User};
+    use pb::*;
+    let doc = RouteDoc::new;
+    vec![
+        (
+            doc(
+                "GET",
+                "/credits/balance",
+                "Credit balance (stored, held, spendable) and this month's consumption",
+                User,
+                "Credits",
+            ),
+            pending::<GetBalanceRequest, GetBalanceResponse>(
+                Method::GET,
+                "/billing.v1.CreditsService/GetBalance",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/credits/transactions",
+                "Ledger rows, newest first",
+                User,
+                "Credits",
+            )
+            .query(&["limit", "offset", "type"])
+            .list(),
+            pending::<ListTransactionsRequest, ListTransactionsResponse>(
+                Method::GET,
+                "/billing.v1.CreditsService/ListTransactions",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/credits/stats/monthly",
+                "Monthly consumption, purchases, grants and net change",
+                User,
+                "Credits",
+            )
+            .query(&["months"]),
+            pending::<GetMonthlyStatsRequest, GetMonthlyStatsResponse>(
+                Method::GET,
+                "/billing.v1.CreditsService/GetMonthlyStats",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/credits/packs",
+                "Active credit packs",
+                Public,
+                "Credits",
+            )
+            .data("Pack")
+            .list(),
+            get(list_packs),
+        ),
+        (
+            doc("GET", "/credits/rates", "Usage rates", Public, "Credits")
+                .data("Rate")
+                .list(),
+            get(list_rates),
+        ),
+        (
+            doc(
+                "POST",
+                "/credits/packs/buy",
+                "Start a checkout for a credit pack",
+                User,
+                "Credits",
+            )
+            .body("BuyPackBody"),
+            pending::<BuyPackRequest, BuyPackResponse>(
+                Method::POST,
+                "/billing.v1.PacksService/BuyPack",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/user/credits/info",
+                "Credits with per-lot breakdown and active subscription (un-enveloped)",
+                User,
+                "Credits",
+            ),
+            pending::<GetCreditInfoRequest, GetCreditInfoResponse>(
+                Method::GET,
+                "/billing.v1.CreditsService/GetCreditInfo",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/orders",
+                "The organization's orders, newest first",
+                User,
+                "Orders",
+            )
+            .query(&["limit", "offset"])
+            .list(),
+            pending::<ListOrdersRequest, ListOrdersResponse>(
+                Method::GET,
+                "/billing.v1.PaymentService/ListOrders",
+            ),
+        ),
+        (
+            doc("GET", "/orders/{id}", "One order", User, "Orders"),
+            pending::<GetOrderRequest, GetOrderResponse>(
+                Method::GET,
+                "/billing.v1.PaymentService/GetOrder",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/subscription/plans",
+                "Active subscription plans",
+                Public,
+                "Subscriptions",
+            )
+            .data("Plan")
+            .list(),
+            get(list_plans),
+        ),
+        (
+            doc(
+                "POST",
+                "/subscription/portal",
+                "A billing-portal session URL",
+                User,
+                "Subscriptions",
+            )
+            .body("PortalBody"),
+            pending::<CreatePortalSessionRequest, CreatePortalSessionResponse>(
+                Method::POST,
+                "/billing.v1.SubscriptionsService/CreatePortalSession",
+            ),
+        ),
+        (
+            doc("POST", "/checkin", "Daily check-in", User, "Check-in"),
+            pending::<CheckinRequest, CheckinResponse>(
+                Method::POST,
+                "/billing.v1.CheckinService/Checkin",
+            ),
+        ),
+        (
+            doc(
+                "POST",
+                "/payment/create-session",
+                "Create a checkout session for a plan or a pack",
+                User,
+                "Payment",
+            )
+            .body("CreateSessionBody"),
+            pending::<CreateSessionRequest, CreateSessionResponse>(
+                Method::POST,
+                "/billing.v1.PaymentService/CreateSession",
+            ),
+        ),
+        (
+            doc(
+                "POST",
+                "/payment/webhook/stripe",
+                "Stripe webhook (signed with Stripe-Signature)",
+                Public,
+                "Payment",
+            )
+            .raw_body(),
+            pending::<WebhookRequest, WebhookResponse>(
+                Method::POST,
+                "/billing.v1.PaymentService/HandleStripeWebhook",
+            ),
+        ),
+        (
+            doc(
+                "POST",
+                "/payment/webhook/creem",
+                "Creem webhook (signed with creem-signature)",
+                Public,
+                "Payment",
+            )
+            .raw_body(),
+            pending::<WebhookRequest, WebhookResponse>(
+                Method::POST,
+                "/billing.v1.PaymentService/HandleCreemWebhook",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/admin/billing/plans",
+                "Every plan, inactive included",
+                Admin,
+                "Admin",
+            )
+            .data("AdminPlan")
+            .list(),
+            get(admin_list_plans),
+        ),
+        (
+            doc(
+                "POST",
+                "/admin/billing/plans",
+                "Create a plan",
+                Admin,
+                "Admin",
+            )
+            .body("PlanBody"),
+            pending::<CreatePlanRequest, PlanResponse>(
+                Method::POST,
+                "/billing.v1.AdminService/CreatePlan",
+            ),
+        ),
+        (
+            doc(
+                "PUT",
+                "/admin/billing/plans/{id}",
+                "Update a plan",
+                Admin,
+                "Admin",
+            )
+            .body("PlanBody"),
+            pending::<UpdatePlanRequest, PlanResponse>(
+                Method::PUT,
+                "/billing.v1.AdminService/UpdatePlan",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/admin/billing/coupons",
+                "Coupons with their redemption counts",
+                Admin,
+                "Admin",
+            )
+            .list(),
+            pending::<ListCouponsRequest, ListCouponsResponse>(
+                Method::GET,
+                "/billing.v1.AdminService/ListCoupons",
+            ),
+        ),
+        (
+            doc(
+                "POST",
+                "/admin/billing/coupons",
+                "Create a coupon",
+                Admin,
+                "Admin",
+            )
+            .body("CouponBody"),
+            pending::<CreateCouponRequest, CouponResponse>(
+                Method::POST,
+                "/billing.v1.AdminService/CreateCoupon",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/admin/credits/transactions",
+                "Ledger rows of any organization",
+                Admin,
+                "Admin",
+            )
+            .query(&["limit", "offset", "org_id", "type"])
+            .list(),
+            pending::<AdminListTransactionsRequest, AdminListTransactionsResponse>(
+                Method::GET,
+                "/billing.v1.AdminService/ListTransactions",
+            ),
+        ),
+        (
+            doc(
+                "POST",
+                "/admin/credits/manual",
+                "Grant or debit credits by hand",
+                Admin,
+                "Admin",
+            )
+            .body("ManualBody"),
+            pending::<ManualAdjustRequest, ManualAdjustResponse>(
+                Method::POST,
+                "/billing.v1.AdminService/ManualAdjust",
+            ),
+        ),
+        (
+            doc(
+                "GET",
+                "/admin/checkin/config",
+                "The check-in configuration",
+                Admin,
+                "Admin",
+            ),
+            pending::<GetCheckinConfigRequest, CheckinConfig>(
+                Method::GET,
+                "/billing.v1.AdminService/GetCheckinConfig",
+            ),
+        ),
+        (
+            doc(
+                "PUT",
+                "/admin/checkin/config",
+                "Change the check-in configuration",
+                Admin,
+                "Admin",
+            )
+            .body("CheckinConfigBody"),
+            pending::<CheckinConfig, CheckinConfig>(
+                Method::PUT,
+                "/billing.v1.AdminService/UpdateCheckinConfig",
+            ),
+        ),
+        (
+            doc("GET", "/healthz", "Liveness", Public, "Operations").raw_response(),
+            get(healthz),
+        ),
+        (
+            doc(
+                "GET",
+                "/readyz",
+                "Readiness: the database answers",
+                Public,
+                "Operations",
+            )
+            .raw_response(),
+            get(readyz),
+        ),
+        (
+            doc(
+                "GET",
+                "/metrics",
+                "Prometheus metrics",
+                Public,
+                "Operations",
+            )
+            .raw_response(),
+            get(metrics),
+        ),
+        (
+            doc(
+                "GET",
+                "/openapi.json",
+                "This document",
+                Public,
+                "Operations",
+            )
+            .raw_response(),
+            get(openapi_json),
+        ),
+    ]
+}
+
+async fn openapi_json() -> Response {
+    let docs: Vec<RouteDoc> = routes().into_iter().map(|(doc, _)| doc).collect();
+    axum::Json(openapi::document(&docs)).into_response()
+}
+
+/// The REST router over `channel`.
+pub fn router(channel: GrpcChannel, metrics: Arc<Metrics>) -> Router {
+    let mut router: Router<Gateway> = Router::new();
+    for (doc, handler) in routes() {
+        router = router.route(doc.path, handler);
+    }
+    let state = Gateway {
+        channel,
+        metrics: metrics.clone(),
+    };
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::track_http,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

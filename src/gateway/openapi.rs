@@ -1,0 +1,350 @@
+//! `/openapi.json`: an OpenAPI 3.0 document generated from the gateway's own
+//! route table, with the envelope and the shapes of the seeds as schemas.
+
+use serde_json::{Map, Value, json};
+
+/// Who may call a REST route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    User,
+    Admin,
+}
+
+/// What the OpenAPI document says of one route.
+#[derive(Debug, Clone)]
+pub struct RouteDoc {
+    pub method: &'static str,
+    /// axum and OpenAPI share the `{param}` syntax.
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub access: Access,
+    pub tag: &'static str,
+    pub query: &'static [&'static str],
+    pub body: Option<&'static str>,
+    pub raw_body: bool,
+    pub data: Option<&'static str>,
+    pub list: bool,
+    pub raw_response: bool,
+}
+
+impl RouteDoc {
+    pub fn new(
+        method: &'static str,
+        path: &'static str,
+        summary: &'static str,
+        access: Access,
+        tag: &'static str,
+    ) -> Self {
+        Self {
+            method,
+            path,
+            summary,
+            access,
+            tag,
+            query: &[],
+            body: None,
+            raw_body: false,
+            data: None,
+            list: false,
+            raw_response: false,
+        }
+    }
+
+    pub fn query(mut self, names: &'static [&'static str]) -> Self {
+        self.query = names;
+        self
+    }
+
+    /// A JSON request body of the named schema.
+    pub fn body(mut self, schema: &'static str) -> Self {
+        self.body = Some(schema);
+        self
+    }
+
+    /// A request body taken as raw bytes (webhooks: the signature covers them).
+    pub fn raw_body(mut self) -> Self {
+        self.raw_body = true;
+        self
+    }
+
+    /// The named schema of `data` in the success envelope.
+    pub fn data(mut self, schema: &'static str) -> Self {
+        self.data = Some(schema);
+        self
+    }
+
+    /// `data` is an array.
+    pub fn list(mut self) -> Self {
+        self.list = true;
+        self
+    }
+
+    /// The answer is not in the envelope (probes, metrics, this document).
+    pub fn raw_response(mut self) -> Self {
+        self.raw_response = true;
+        self
+    }
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn query_param(name: &str) -> Value {
+    let (schema, description) = match name {
+        "limit" => (
+            json!({"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
+            "Rows per page",
+        ),
+        "offset" => (
+            json!({"type": "integer", "minimum": 0, "default": 0}),
+            "Rows to skip",
+        ),
+        "months" => (
+            json!({"type": "integer", "minimum": 1, "maximum": 24, "default": 12}),
+            "Months up to and including the current one",
+        ),
+        "type" => (
+            json!({"type": "string", "enum": ["purchase", "grant", "ai_usage", "storage_egress", "checkin", "coupon", "manual", "refund", "expiry", "reservation"]}),
+            "Only rows of this transaction type",
+        ),
+        "org_id" => (
+            json!({"type": "string", "maxLength": 255}),
+            "Only this organization",
+        ),
+        _ => (json!({"type": "string"}), ""),
+    };
+    json!({ "name": name, "in": "query", "required": false, "schema": schema, "description": description })
+}
+
+fn operation(doc: &RouteDoc) -> Value {
+    let mut op = Map::new();
+    op.insert("summary".into(), doc.summary.into());
+    op.insert("tags".into(), json!([doc.tag]));
+    let id: String = format!("{} {}", doc.method.to_lowercase(), doc.path)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    op.insert("operationId".into(), id.into());
+
+    let mut params: Vec<Value> = doc
+        .path
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": {"type": "string"} }))
+        .collect();
+    params.extend(doc.query.iter().map(|name| query_param(name)));
+    if !params.is_empty() {
+        op.insert("parameters".into(), Value::Array(params));
+    }
+
+    if let Some(body) = doc.body {
+        op.insert(
+            "requestBody".into(),
+            json!({ "required": true, "content": { "application/json": { "schema": schema_ref(body) } } }),
+        );
+    } else if doc.raw_body {
+        op.insert(
+            "requestBody".into(),
+            json!({ "required": true, "content": { "application/json": { "schema": { "type": "object" } } } }),
+        );
+    }
+
+    let data = match (doc.data, doc.list) {
+        (Some(name), true) => json!({ "type": "array", "items": schema_ref(name) }),
+        (Some(name), false) => schema_ref(name),
+        (None, true) => json!({ "type": "array", "items": {} }),
+        (None, false) => json!({}),
+    };
+    let ok = if doc.raw_response {
+        json!({ "description": "OK" })
+    } else {
+        let mut props = json!({ "success": { "type": "boolean" }, "data": data });
+        if doc.list
+            && let Some(p) = props.as_object_mut()
+        {
+            p.insert("pagination".into(), schema_ref("Pagination"));
+        }
+        json!({
+            "description": "OK",
+            "content": { "application/json": { "schema": { "type": "object", "properties": props } } }
+        })
+    };
+    let error = json!({ "content": { "application/json": { "schema": schema_ref("Error") } } });
+    let mut responses = Map::new();
+    responses.insert("200".into(), ok);
+    let mut add_error = |code: &str, description: &str| {
+        let mut e = error.clone();
+        if let Some(obj) = e.as_object_mut() {
+            obj.insert("description".into(), description.into());
+        }
+        responses.insert(code.into(), e);
+    };
+    if !doc.raw_response {
+        add_error("400", "Invalid input or a failed business rule");
+        add_error("500", "Internal error");
+    }
+    if doc.access != Access::Public {
+        add_error("401", "Missing, invalid or expired token");
+        add_error("403", "The token's role may not call this route");
+        op.insert("security".into(), json!([{ "bearerAuth": [] }]));
+    }
+    op.insert("responses".into(), Value::Object(responses));
+    Value::Object(op)
+}
+
+fn schemas() -> Value {
+    let credits = json!({ "type": "number", "description": "Credits, up to 6 decimals" });
+    json!({
+        "Error": {
+            "type": "object",
+            "required": ["success", "error_code", "message"],
+            "properties": {
+                "success": { "type": "boolean", "enum": [false] },
+                "error_code": { "type": "string" },
+                "message": { "type": "string" }
+            }
+        },
+        "Pagination": {
+            "type": "object",
+            "properties": {
+                "limit": { "type": "integer" }, "offset": { "type": "integer" },
+                "total": { "type": "integer" }, "has_more": { "type": "boolean" }
+            }
+        },
+        "Pack": {
+            "type": "object",
+            "properties": {
+                "id": { "type": "string" }, "name": { "type": "string" }, "code": { "type": "string" },
+                "credits": { "type": "integer" }, "price": { "type": "number", "description": "USD" }
+            }
+        },
+        "Rate": {
+            "type": "object",
+            "properties": {
+                "id": { "type": "string" },
+                "meter": { "type": "string", "enum": ["storage_egress", "ai_tokens"] },
+                "unit": { "type": "string" },
+                "model": { "type": "string", "nullable": true },
+                "credits_per_unit": credits,
+                "description": { "type": "string" }
+            }
+        },
+        "Plan": {
+            "type": "object",
+            "properties": {
+                "id": { "type": "string" }, "code": { "type": "string" }, "name": { "type": "string" },
+                "description": { "type": "string" },
+                "price_monthly": { "type": "integer", "description": "cents" },
+                "price_yearly": { "type": "integer", "description": "cents" },
+                "credits_included": { "type": "integer" },
+                "features": { "type": "array", "items": { "type": "string" } }
+            }
+        },
+        "AdminPlan": {
+            "allOf": [
+                schema_ref("Plan"),
+                {
+                    "type": "object",
+                    "properties": {
+                        "tier": { "type": "integer" }, "currency": { "type": "string" }, "active": { "type": "boolean" },
+                        "stripe_price_monthly": { "type": "string", "nullable": true },
+                        "stripe_price_yearly": { "type": "string", "nullable": true },
+                        "creem_product_id": { "type": "string", "nullable": true }
+                    }
+                }
+            ]
+        },
+        "BuyPackBody": {
+            "type": "object",
+            "required": ["packId"],
+            "properties": {
+                "packId": { "type": "string" }, "success_url": { "type": "string" }, "cancel_url": { "type": "string" },
+                "coupon_code": { "type": "string" }, "channel": { "type": "string", "enum": ["stripe", "creem"] }
+            }
+        },
+        "CreateSessionBody": {
+            "type": "object",
+            "required": ["channel", "type", "success_url", "cancel_url"],
+            "properties": {
+                "channel": { "type": "string", "enum": ["stripe", "creem"] },
+                "type": { "type": "string", "enum": ["subscription", "pack"] },
+                "plan_id": { "type": "string" }, "pack_id": { "type": "string" },
+                "billing_period": { "type": "string", "enum": ["monthly", "yearly"] },
+                "success_url": { "type": "string" }, "cancel_url": { "type": "string" },
+                "coupon_code": { "type": "string" }
+            }
+        },
+        "PortalBody": {
+            "type": "object", "required": ["return_url"],
+            "properties": { "return_url": { "type": "string" } }
+        },
+        "PlanBody": {
+            "type": "object",
+            "properties": {
+                "code": { "type": "string" }, "name": { "type": "string" }, "description": { "type": "string" },
+                "tier": { "type": "integer", "minimum": 0 },
+                "price_monthly": { "type": "integer", "minimum": 0 }, "price_yearly": { "type": "integer", "minimum": 0 },
+                "credits_included": { "type": "integer", "minimum": 0 },
+                "features": { "type": "array", "items": { "type": "string" } },
+                "active": { "type": "boolean" },
+                "stripe_price_monthly": { "type": "string" }, "stripe_price_yearly": { "type": "string" },
+                "creem_product_id": { "type": "string" }
+            }
+        },
+        "CouponBody": {
+            "type": "object", "required": ["code", "kind", "value"],
+            "properties": {
+                "code": { "type": "string" },
+                "kind": { "type": "string", "enum": ["percent_off", "amount_off", "bonus_credits"] },
+                "value": { "type": "integer", "minimum": 1 },
+                "max_redemptions": { "type": "integer", "minimum": 1 },
+                "expires_at": { "type": "string", "format": "date-time" },
+                "active": { "type": "boolean" }
+            }
+        },
+        "ManualBody": {
+            "type": "object", "required": ["org_id", "amount", "reason"],
+            "properties": {
+                "org_id": { "type": "string" }, "amount": credits, "reason": { "type": "string" },
+                "expires_at": { "type": "string", "format": "date-time" },
+                "idempotency_key": { "type": "string" }
+            }
+        },
+        "CheckinConfigBody": {
+            "type": "object",
+            "required": ["enabled", "credits_per_day", "lot_expiry_days"],
+            "properties": {
+                "enabled": { "type": "boolean" }, "credits_per_day": credits,
+                "lot_expiry_days": { "type": "integer", "minimum": 1 }, "streak_bonus": credits
+            }
+        }
+    })
+}
+
+/// The whole document for `routes`.
+pub fn document(routes: &[RouteDoc]) -> Value {
+    let mut paths = Map::new();
+    for doc in routes {
+        let entry = paths
+            .entry(doc.path.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(item) = entry.as_object_mut() {
+            item.insert(doc.method.to_lowercase(), operation(doc));
+        }
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Billing service REST gateway",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Credits, packs, subscriptions, check-in and payments. Every route is a translation of a billing.v1 gRPC call."
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": { "bearerAuth": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } },
+            "schemas": schemas()
+        }
+    })
+}

@@ -1,0 +1,51 @@
+//! Conversions from stored rows and domain values to wire messages.
+
+use crate::{
+    catalog::plan_features,
+    entities::{pack, plan, rate},
+    pb,
+};
+
+pub fn pack(p: pack::Model) -> pb::Pack {
+    pb::Pack {
+        id: p.id,
+        name: p.name,
+        code: p.code,
+        credits: p.credits,
+        price_cents: p.price_cents,
+        currency: p.currency,
+        active: p.active,
+        limit_per_cycle: p.limit_per_cycle,
+    }
+}
+
+pub fn plan(p: plan::Model) -> pb::Plan {
+    let features = plan_features(&p);
+    pb::Plan {
+        id: p.id,
+        code: p.code,
+        name: p.name,
+        description: p.description,
+        tier: p.tier,
+        price_monthly_cents: p.price_monthly_cents,
+        price_yearly_cents: p.price_yearly_cents,
+        currency: p.currency,
+        credits_included: p.credits_included,
+        features,
+        active: p.active,
+        stripe_price_monthly: p.stripe_price_monthly.unwrap_or_default(),
+        stripe_price_yearly: p.stripe_price_yearly.unwrap_or_default(),
+        creem_product_id: p.creem_product_id.unwrap_or_default(),
+    }
+}
+
+pub fn rate(r: rate::Model) -> pb::Rate {
+    pb::Rate {
+        id: r.id,
+        meter: r.meter,
+        unit: r.unit,
+        model: (!r.model.is_empty()).then_some(r.model),
+        credits_per_unit_micros: r.credits_per_unit_micros,
+        description: r.description,
+    }
+}

@@ -1,0 +1,26 @@
+//! Credits-based billing service.
+//!
+//! Internal services spend credits over gRPC (`UsageService`); browsers and
+//! operators read and top them up through gRPC, grpc-web or the REST gateway,
+//! which translates every route into a gRPC call. [`server::start`] binds what
+//! it is given, so tests run the whole service on `127.0.0.1:0`.
+
+pub mod auth;
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod entities;
+pub mod error;
+pub mod gateway;
+pub mod grpc;
+pub mod metrics;
+pub mod pb;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use server::{Listeners, RunningServer, ServerOptions, start};

@@ -1,0 +1,227 @@
+//! `billing`: serve | migrate | token | gateway (CONTRACT §1).
+
+use std::{net::SocketAddr, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use billing::{
+    Config, Listeners, ServerOptions,
+    auth::{JwtKeys, Role},
+    metrics::Metrics,
+    server,
+};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "billing", version, about = "Credits-based billing service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply migrations, seed an empty catalog, serve gRPC and REST.
+    Serve {
+        /// Overrides DATABASE_URL.
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Overrides GRPC_ADDR.
+        #[arg(long)]
+        grpc_addr: Option<SocketAddr>,
+        /// Overrides HTTP_ADDR.
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
+    /// Apply pending migrations and exit.
+    Migrate {
+        /// Overrides DATABASE_URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Print a JWT signed with BILLING_JWT_SECRET.
+    Token {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        sub: String,
+        /// user | admin | service
+        #[arg(long)]
+        role: Role,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+    },
+    /// Run only the REST gateway against a remote gRPC server.
+    Gateway {
+        /// The gRPC server, e.g. http://billing-grpc:50051
+        #[arg(long)]
+        upstream: String,
+        /// Overrides HTTP_ADDR.
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            database_url,
+            grpc_addr,
+            http_addr,
+        } => {
+            if let Some(url) = database_url {
+                config.database_url = url;
+            }
+            if let Some(addr) = grpc_addr {
+                config.grpc_addr = addr;
+            }
+            if let Some(addr) = http_addr {
+                config.http_addr = addr;
+            }
+            billing::telemetry::init(&config);
+            let listeners = Listeners::bind(&config).await?;
+            let running = billing::start(config, listeners, ServerOptions::default()).await?;
+            if running.ephemeral_secret {
+                print_dev_tokens(&running.jwt_keys);
+            }
+            println!(
+                "billing: gRPC + grpc-web on {}, REST on http://{}",
+                running.grpc_addr, running.http_addr
+            );
+            stop_on_signal(running.shutdown_token());
+            running.wait().await
+        }
+        Command::Migrate { database_url } => {
+            if let Some(url) = database_url {
+                config.database_url = url;
+            }
+            billing::telemetry::init(&config);
+            let db = billing::db::connect(&config.database_url)
+                .await
+                .context("DATABASE_URL: cannot connect")?;
+            billing::db::migrate(&db)
+                .await
+                .context("migrations failed")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Token {
+            org,
+            sub,
+            role,
+            ttl,
+        } => {
+            let secret = config
+                .jwt_secret
+                .context("BILLING_JWT_SECRET: must be set to sign tokens")?;
+            if ttl <= 0 {
+                anyhow::bail!("--ttl: must be a positive number of seconds");
+            }
+            let now = chrono::Utc::now().timestamp();
+            println!("{}", JwtKeys::new(secret).issue(&sub, &org, role, now, ttl));
+            Ok(())
+        }
+        Command::Gateway {
+            upstream,
+            http_addr,
+        } => {
+            if let Some(addr) = http_addr {
+                config.http_addr = addr;
+            }
+            billing::telemetry::init(&config);
+            let channel = server::remote_channel(&upstream)?;
+            let listener = tokio::net::TcpListener::bind(config.http_addr)
+                .await
+                .with_context(|| format!("HTTP_ADDR: cannot bind {}", config.http_addr))?;
+            let shutdown = CancellationToken::new();
+            stop_on_signal(shutdown.clone());
+            println!(
+                "billing gateway: REST on http://{} → {upstream}",
+                config.http_addr
+            );
+            server::spawn_gateway(
+                listener,
+                channel,
+                &config,
+                Arc::new(Metrics::default()),
+                shutdown,
+            )
+            .await?
+        }
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM; in-flight calls then drain.
+fn stop_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down: draining in-flight calls");
+        token.cancel();
+    });
+}
+
+fn print_dev_tokens(keys: &JwtKeys) {
+    let now = chrono::Utc::now().timestamp();
+    let day = 24 * 3600;
+    tracing::warn!(
+        "BILLING_JWT_SECRET is not set: using an ephemeral secret; tokens die with this process"
+    );
+    println!(
+        "BILLING_JWT_SECRET is not set: dev tokens for org `dev-org`, valid 24 h or until restart:"
+    );
+    for role in [Role::User, Role::Admin, Role::Service] {
+        println!(
+            "  {:<8} {}",
+            role.as_str(),
+            keys.issue(&format!("dev-{}", role.as_str()), "dev-org", role, now, day)
+        );
+    }
+}

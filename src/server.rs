@@ -1,0 +1,269 @@
+//! Assembles and runs the service: the gRPC server (with grpc-web, CORS,
+//! health, reflection and JWT auth) on one listener, the REST gateway on the
+//! other, both stopped gracefully through one cancellation token.
+//!
+//! [`start`] takes already-bound listeners, so tests bind `127.0.0.1:0` and
+//! read the chosen ports back from [`RunningServer`].
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use http::{HeaderName, HeaderValue, Method};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tower::{ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
+use tower_http::{
+    cors::{AllowOrigin, CorsLayer},
+    trace::TraceLayer,
+};
+
+use crate::{
+    auth::{AuthLayer, JwtKeys},
+    clock::{SharedClock, SystemClock},
+    config::Config,
+    db,
+    gateway::{self, ChannelError, GrpcChannel},
+    grpc,
+    metrics::Metrics,
+    state::AppState,
+};
+
+/// The two sockets the service answers on.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `GRPC_ADDR` and `HTTP_ADDR`.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("GRPC_ADDR: cannot bind {}", config.grpc_addr))?;
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("HTTP_ADDR: cannot bind {}", config.http_addr))?;
+        Ok(Self { grpc, http })
+    }
+}
+
+/// What a test (or an embedding program) may inject.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub clock: SharedClock,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// A started service.
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// The keys tokens are checked with (ephemeral when no secret is set).
+    pub jwt_keys: JwtKeys,
+    /// Whether `jwt_keys` were generated because `BILLING_JWT_SECRET` is unset.
+    pub ephemeral_secret: bool,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    /// The token that stops the service when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the service has stopped (after the token is cancelled,
+    /// in-flight calls drain first).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for task in self.tasks {
+            let outcome = task.await.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = outcome {
+                self.shutdown.cancel();
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// CORS for browsers (grpc-web and REST): only the configured origins are
+/// echoed back, never `*`; no layer at all when none are configured.
+fn cors_layer(origins: &[HeaderValue]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let header = HeaderName::from_static;
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins.iter().cloned()))
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
+            .allow_headers([
+                http::header::CONTENT_TYPE,
+                http::header::AUTHORIZATION,
+                header("x-grpc-web"),
+                header("x-user-agent"),
+                header("grpc-timeout"),
+            ])
+            .expose_headers([
+                header("grpc-status"),
+                header("grpc-message"),
+                header("grpc-status-details-bin"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// A gateway channel to a remote gRPC server (`billing gateway`).
+pub fn remote_channel(upstream: &str) -> anyhow::Result<GrpcChannel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(upstream.to_owned())
+        .with_context(|| format!("--upstream: `{upstream}` is not a URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect_lazy();
+    Ok(BoxCloneSyncService::new(
+        channel.map_err(|e| ChannelError(Box::new(e))),
+    ))
+}
+
+/// Serves the REST gateway on `listener` until `shutdown`.
+pub fn spawn_gateway(
+    listener: TcpListener,
+    channel: GrpcChannel,
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    let mut app = gateway::router(channel, metrics).layer(TraceLayer::new_for_http());
+    if let Some(cors) = cors_layer(&config.cors_allowed_origins) {
+        app = app.layer(cors);
+    }
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("REST gateway")
+    })
+}
+
+/// Connects to the database, applies migrations, seeds an empty catalog and
+/// starts serving on `listeners`.
+pub async fn start(
+    config: Config,
+    listeners: Listeners,
+    options: ServerOptions,
+) -> anyhow::Result<RunningServer> {
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
+    let db = db::prepare(&config.database_url)
+        .await
+        .context("DATABASE_URL: cannot open, migrate or seed the database")?;
+
+    let (jwt_keys, ephemeral_secret) = match &config.jwt_secret {
+        Some(secret) => (JwtKeys::new(secret.clone()), false),
+        None => (JwtKeys::ephemeral(), true),
+    };
+    let config = Arc::new(config);
+    let state = AppState {
+        db,
+        config: config.clone(),
+        clock: options.clock.clone(),
+    };
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    grpc::set_health(&reporter, true).await;
+    let routes = grpc::routes(&state, health_service)?;
+    let auth = AuthLayer::new(jwt_keys.clone(), grpc::access_policy, options.clock.clone());
+
+    // The gateway's in-process channel goes through the same auth layer.
+    let in_process_service = ServiceBuilder::new()
+        .layer(auth.clone())
+        .service(routes.clone());
+    let in_process: GrpcChannel = BoxCloneSyncService::new(tower::ServiceExt::<
+        http::Request<tonic::body::Body>,
+    >::map_err(
+        in_process_service,
+        |never: Infallible| -> ChannelError { match never {} },
+    ));
+
+    let grpc_server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .tcp_nodelay(true)
+        .layer(TraceLayer::new_for_grpc())
+        .layer(tower::util::option_layer(cors_layer(
+            &config.cors_allowed_origins,
+        )))
+        .layer(crate::metrics::GrpcMetricsLayer::new(metrics.clone()))
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(auth)
+        .add_routes(routes);
+
+    let grpc_task = {
+        let shutdown = shutdown.clone();
+        let incoming = TcpListenerStream::new(listeners.grpc);
+        tokio::spawn(async move {
+            grpc_server
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+                .context("gRPC server")
+        })
+    };
+    let http_task = spawn_gateway(
+        listeners.http,
+        in_process,
+        &config,
+        metrics,
+        shutdown.clone(),
+    );
+
+    // Readiness follows the database: NOT_SERVING while it does not answer.
+    let health_task = {
+        let shutdown = shutdown.clone();
+        let db = state.db.clone();
+        tokio::spawn(async move {
+            let mut serving = true;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                let up = db.ping().await.is_ok();
+                if up != serving {
+                    tracing::warn!(database_up = up, "database reachability changed");
+                    grpc::set_health(&reporter, up).await;
+                    serving = up;
+                }
+            }
+            grpc::set_health(&reporter, false).await;
+            Ok(())
+        })
+    };
+
+    tracing::info!(%grpc_addr, %http_addr, "billing service started");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        jwt_keys,
+        ephemeral_secret,
+        state,
+        shutdown,
+        tasks: vec![grpc_task, http_task, health_task],
+    })
+}
