@@ -15,6 +15,7 @@ pub mod entities;
 pub mod error;
 pub mod gateway;
 pub mod grpc;
+pub mod ledger;
 pub mod metrics;
 pub mod pb;
 pub mod server;

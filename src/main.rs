@@ -159,6 +159,14 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             }
             billing::telemetry::init(&config);
             let channel = server::remote_channel(&upstream)?;
+            let secret = config
+                .jwt_secret
+                .clone()
+                .context("BILLING_JWT_SECRET: the gateway must share the gRPC server's secret")?;
+            let auth = billing::gateway::GatewayAuth {
+                keys: JwtKeys::new(secret),
+                clock: Arc::new(billing::clock::SystemClock),
+            };
             let listener = tokio::net::TcpListener::bind(config.http_addr)
                 .await
                 .with_context(|| format!("HTTP_ADDR: cannot bind {}", config.http_addr))?;
@@ -171,6 +179,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             server::spawn_gateway(
                 listener,
                 channel,
+                auth,
                 &config,
                 Arc::new(Metrics::default()),
                 shutdown,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
 use tower_http::{
     cors::{AllowOrigin, CorsLayer},
-    trace::TraceLayer,
+    trace::{DefaultOnFailure, TraceLayer},
 };
 
 use crate::{
@@ -23,8 +23,9 @@ use crate::{
     clock::{SharedClock, SystemClock},
     config::Config,
     db,
-    gateway::{self, ChannelError, GrpcChannel},
+    gateway::{self, ChannelError, GatewayAuth, GrpcChannel},
     grpc,
+    ledger::Ledger,
     metrics::Metrics,
     state::AppState,
 };
@@ -145,11 +146,12 @@ pub fn remote_channel(upstream: &str) -> anyhow::Result<GrpcChannel> {
 pub fn spawn_gateway(
     listener: TcpListener,
     channel: GrpcChannel,
+    auth: GatewayAuth,
     config: &Config,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
-    let mut app = gateway::router(channel, metrics).layer(TraceLayer::new_for_http());
+    let mut app = gateway::router(channel, auth, metrics).layer(TraceLayer::new_for_http());
     if let Some(cors) = cors_layer(&config.cors_allowed_origins) {
         app = app.layer(cors);
     }
@@ -179,12 +181,15 @@ pub async fn start(
         None => (JwtKeys::ephemeral(), true),
     };
     let config = Arc::new(config);
+    let shutdown = CancellationToken::new();
+    let ledger = Ledger::start(db.clone(), options.clock.clone(), shutdown.clone()).await?;
+    crate::ledger::sweeper::spawn(ledger.clone(), shutdown.clone());
     let state = AppState {
         db,
         config: config.clone(),
         clock: options.clock.clone(),
+        ledger,
     };
-    let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -206,7 +211,12 @@ pub async fn start(
     let grpc_server = tonic::transport::Server::builder()
         .accept_http1(true)
         .tcp_nodelay(true)
-        .layer(TraceLayer::new_for_grpc())
+        // Refusals (insufficient credits, bad input…) are answers, not
+        // failures of the service: keep them out of the error log.
+        .layer(
+            TraceLayer::new_for_grpc()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .layer(tower::util::option_layer(cors_layer(
             &config.cors_allowed_origins,
         )))
@@ -225,9 +235,14 @@ pub async fn start(
                 .context("gRPC server")
         })
     };
+    let gateway_auth = GatewayAuth {
+        keys: jwt_keys.clone(),
+        clock: options.clock.clone(),
+    };
     let http_task = spawn_gateway(
         listeners.http,
         in_process,
+        gateway_auth,
         &config,
         metrics,
         shutdown.clone(),

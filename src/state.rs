@@ -1,15 +1,27 @@
-//! What every service function shares: the database, the configuration and
-//! the clock.
+//! What every service function shares: the database, the configuration,
+//! the clock and the ledger.
 
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
 
-use crate::{clock::SharedClock, config::Config};
+use crate::{clock::SharedClock, config::Config, error::Error, ledger::Ledger};
 
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub db: DatabaseConnection,
     pub config: Arc<Config>,
     pub clock: SharedClock,
+    pub ledger: Ledger,
+}
+
+impl AppState {
+    /// CREDITS_NOT_ENABLED unless `SUBSCRIPTION_SYSTEM=credits`.
+    pub fn require_credits(&self) -> Result<(), Error> {
+        if self.config.credits_enabled() {
+            Ok(())
+        } else {
+            Err(Error::CreditsNotEnabled)
+        }
+    }
 }

@@ -32,7 +32,7 @@ impl MigrationTrait for Migration {
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
         // Children before parents, so foreign keys never block a drop.
-        let names: [DynIden; 17] = [
+        let names: [DynIden; 18] = [
             AdminAudit::Table.into_iden(),
             WebhookEvents::Table.into_iden(),
             CheckinConfig::Table.into_iden(),
@@ -41,6 +41,7 @@ impl MigrationTrait for Migration {
             IdempotencyRecords::Table.into_iden(),
             Reservations::Table.into_iden(),
             LotAllocations::Table.into_iden(),
+            LedgerMonthly::Table.into_iden(),
             LedgerTransactions::Table.into_iden(),
             CreditLots::Table.into_iden(),
             Orders::Table.into_iden(),
@@ -120,6 +121,8 @@ fn tables() -> Vec<TableCreateStatement> {
                     .default(0)
                     .check(Expr::col(Organizations::HeldMicros).gte(0)),
             )
+            // Sequence number of the organization's latest ledger row.
+            .col(big_integer(Organizations::LedgerSeq).default(0))
             .col(string_len_null(Organizations::StripeCustomerId, 255).unique_key())
             .col(string_len_null(Organizations::CreemCustomerId, 255).unique_key())
             .col(timestamp_with_time_zone_null(
@@ -346,8 +349,12 @@ fn tables() -> Vec<TableCreateStatement> {
         Table::create()
             .table(LedgerTransactions::Table)
             .if_not_exists()
-            .col(big_pk_auto(LedgerTransactions::Id))
+            // UUIDv7, made by the service so batched inserts need no RETURNING.
+            .col(string_len(LedgerTransactions::Id, 36).primary_key())
             .col(big_integer(LedgerTransactions::OrgId))
+            // 1, 2, 3… per organization: exact order, and unique, so a lost
+            // update cannot go unnoticed.
+            .col(big_integer(LedgerTransactions::Seq))
             .col(
                 string_len(LedgerTransactions::Type, 16)
                     .check(one_of(LedgerTransactions::Type, TRANSACTION_TYPES)),
@@ -371,11 +378,43 @@ fn tables() -> Vec<TableCreateStatement> {
                 Organizations::Id,
             ))
             .to_owned(),
+        // Per organization, month (`YYYY-MM`) and transaction type: the sums of
+        // credits in and out, kept in the same transaction as the ledger rows
+        // so balances and monthly statistics never scan the ledger.
+        Table::create()
+            .table(LedgerMonthly::Table)
+            .if_not_exists()
+            .col(big_integer(LedgerMonthly::OrgId))
+            .col(string_len(LedgerMonthly::Month, 7))
+            .col(string_len(LedgerMonthly::Type, 16))
+            .col(
+                big_integer(LedgerMonthly::CreditMicros)
+                    .default(0)
+                    .check(Expr::col(LedgerMonthly::CreditMicros).gte(0)),
+            )
+            .col(
+                big_integer(LedgerMonthly::DebitMicros)
+                    .default(0)
+                    .check(Expr::col(LedgerMonthly::DebitMicros).gte(0)),
+            )
+            .primary_key(
+                Index::create()
+                    .col(LedgerMonthly::OrgId)
+                    .col(LedgerMonthly::Month)
+                    .col(LedgerMonthly::Type),
+            )
+            .foreign_key(&mut fk(
+                LedgerMonthly::Table,
+                LedgerMonthly::OrgId,
+                Organizations::Table,
+                Organizations::Id,
+            ))
+            .to_owned(),
         Table::create()
             .table(LotAllocations::Table)
             .if_not_exists()
             .col(big_pk_auto(LotAllocations::Id))
-            .col(big_integer(LotAllocations::TransactionId))
+            .col(string_len(LotAllocations::TransactionId, 36))
             .col(big_integer(LotAllocations::LotId))
             // Signed: what the transaction moved into (+) or out of (-) the lot.
             .col(big_integer(LotAllocations::AmountMicros))
@@ -408,7 +447,7 @@ fn tables() -> Vec<TableCreateStatement> {
             .col(string_len_null(Reservations::Meter, 32))
             .col(big_integer_null(Reservations::Quantity))
             .col(string_len_null(Reservations::Model, 128))
-            .col(big_integer_null(Reservations::TransactionId))
+            .col(string_len_null(Reservations::TransactionId, 36))
             .col(timestamp_with_time_zone(Reservations::ExpiresAt))
             .col(timestamp_with_time_zone(Reservations::CreatedAt))
             .col(timestamp_with_time_zone_null(Reservations::FinishedAt))
@@ -481,7 +520,7 @@ fn tables() -> Vec<TableCreateStatement> {
             .col(string_len(Checkins::Day, 10))
             .col(integer(Checkins::Streak).check(Expr::col(Checkins::Streak).gte(1)))
             .col(big_integer(Checkins::CreditsMicros))
-            .col(big_integer_null(Checkins::TransactionId))
+            .col(string_len_null(Checkins::TransactionId, 36))
             .col(timestamp_with_time_zone(Checkins::CreatedAt))
             .foreign_key(&mut fk(
                 Checkins::Table,
@@ -613,12 +652,18 @@ fn indexes() -> Vec<IndexCreateStatement> {
             true,
         ),
         index(
-            "ix_ledger_org_id",
+            "uq_ledger_org_seq",
             LedgerTransactions::Table,
             &[
                 LedgerTransactions::OrgId.into_iden(),
-                LedgerTransactions::Id.into_iden(),
+                LedgerTransactions::Seq.into_iden(),
             ],
+            true,
+        ),
+        index(
+            "ix_ledger_created",
+            LedgerTransactions::Table,
+            &[LedgerTransactions::CreatedAt.into_iden()],
             false,
         ),
         index(
@@ -652,9 +697,12 @@ fn indexes() -> Vec<IndexCreateStatement> {
             false,
         ),
         index(
-            "ix_reservations_org",
+            "ix_reservations_org_status",
             Reservations::Table,
-            &[Reservations::OrgId.into_iden()],
+            &[
+                Reservations::OrgId.into_iden(),
+                Reservations::Status.into_iden(),
+            ],
             false,
         ),
         index(
@@ -707,6 +755,7 @@ enum Organizations {
     ExternalId,
     BalanceMicros,
     HeldMicros,
+    LedgerSeq,
     StripeCustomerId,
     CreemCustomerId,
     LastPurchaseAttemptAt,
@@ -841,6 +890,7 @@ enum LedgerTransactions {
     Table,
     Id,
     OrgId,
+    Seq,
     Type,
     AmountMicros,
     BalanceAfterMicros,
@@ -851,6 +901,16 @@ enum LedgerTransactions {
     Quantity,
     Model,
     CreatedAt,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum LedgerMonthly {
+    Table,
+    OrgId,
+    Month,
+    Type,
+    CreditMicros,
+    DebitMicros,
 }
 
 #[derive(DeriveIden, Clone, Copy)]

@@ -12,7 +12,7 @@ pub struct Model {
     pub day: String,
     pub streak: i32,
     pub credits_micros: i64,
-    pub transaction_id: Option<i64>,
+    pub transaction_id: Option<String>,
     pub created_at: DateTimeUtc,
 }
 

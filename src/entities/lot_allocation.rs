@@ -7,7 +7,7 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
-    pub transaction_id: i64,
+    pub transaction_id: String,
     pub lot_id: i64,
     pub amount_micros: i64,
 }

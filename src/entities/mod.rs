@@ -8,6 +8,7 @@ pub mod coupon;
 pub mod coupon_redemption;
 pub mod credit_lot;
 pub mod idempotency_record;
+pub mod ledger_monthly;
 pub mod ledger_transaction;
 pub mod lot_allocation;
 pub mod order;

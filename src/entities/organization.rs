@@ -11,6 +11,7 @@ pub struct Model {
     pub external_id: String,
     pub balance_micros: i64,
     pub held_micros: i64,
+    pub ledger_seq: i64,
     pub stripe_customer_id: Option<String>,
     pub creem_customer_id: Option<String>,
     pub last_purchase_attempt_at: Option<DateTimeUtc>,

@@ -13,7 +13,7 @@ pub struct Model {
     pub meter: Option<String>,
     pub quantity: Option<i64>,
     pub model: Option<String>,
-    pub transaction_id: Option<i64>,
+    pub transaction_id: Option<String>,
     pub expires_at: DateTimeUtc,
     pub created_at: DateTimeUtc,
     pub finished_at: Option<DateTimeUtc>,

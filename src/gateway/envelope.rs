@@ -76,6 +76,16 @@ pub fn ok<T: Serialize>(data: T) -> Response {
     .into_response()
 }
 
+/// `200 {"success": true, "data": data, "pagination": …}`.
+pub fn ok_page<T: Serialize>(data: T, pagination: Pagination) -> Response {
+    Json(Success {
+        success: true,
+        data,
+        pagination: Some(pagination),
+    })
+    .into_response()
+}
+
 /// An error answered in the envelope.
 #[derive(Debug)]
 pub struct ApiError {

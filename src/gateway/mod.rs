@@ -7,17 +7,21 @@
 //! One table ([`routes`]) drives both the axum router and `/openapi.json`, so
 //! the document cannot drift from what is served.
 
+mod credits;
 mod envelope;
 mod openapi;
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use axum::{
     Router,
-    extract::State,
+    extract::{MatchedPath, State},
     http::{HeaderMap, Method, StatusCode},
+    middleware::Next,
     response::{IntoResponse, Response},
-    routing::{MethodRouter, get},
+    routing::{MethodRouter, get, post},
 };
 use serde::Serialize;
 use tonic::{Request, Status};
@@ -26,7 +30,12 @@ use tower::BoxError;
 pub use envelope::{ApiError, ApiResult, JsonBody, Num, Pagination};
 pub use openapi::{Access, RouteDoc};
 
-use crate::{metrics::Metrics, pb};
+use crate::{
+    auth::{Access as AuthAccess, JwtKeys, Role, authorize},
+    clock::SharedClock,
+    metrics::Metrics,
+    pb,
+};
 
 /// A gRPC channel to the billing services: in-process or over the network.
 pub type GrpcChannel = tower::util::BoxCloneSyncService<
@@ -57,6 +66,56 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct Gateway {
     channel: GrpcChannel,
     metrics: Arc<Metrics>,
+}
+
+/// How the gateway checks tokens before it decodes any input, so that a
+/// request is refused in the contract's order: 401, 403, then 400. The gRPC
+/// side checks again with the same keys.
+#[derive(Clone)]
+pub struct GatewayAuth {
+    pub keys: JwtKeys,
+    pub clock: SharedClock,
+}
+
+#[derive(Clone)]
+struct RouteAuth {
+    auth: GatewayAuth,
+    access: Arc<HashMap<(Method, &'static str), Access>>,
+}
+
+const USER_ROLES: &[Role] = &[Role::User, Role::Admin];
+const ADMIN_ROLES: &[Role] = &[Role::Admin];
+
+async fn authenticate(
+    State(route_auth): State<RouteAuth>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let Some(path) = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+    else {
+        return next.run(req).await;
+    };
+    let roles = match route_auth
+        .access
+        .get(&(req.method().clone(), path.as_str()))
+    {
+        None | Some(Access::Public) => return next.run(req).await,
+        Some(Access::User) => USER_ROLES,
+        Some(Access::Admin) => ADMIN_ROLES,
+    };
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let now = route_auth.auth.clock.now().timestamp();
+    match authorize(&route_auth.auth.keys, AuthAccess::Roles(roles), header, now) {
+        Ok(_) => next.run(req).await,
+        Err(e) if path == "/user/credits/info" => credits::user_credit_info_error(e),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// A gRPC request carrying the caller's bearer token as metadata.
@@ -331,10 +390,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Credits",
             ),
-            pending::<GetBalanceRequest, GetBalanceResponse>(
-                Method::GET,
-                "/billing.v1.CreditsService/GetBalance",
-            ),
+            get(credits::balance),
         ),
         (
             doc(
@@ -346,10 +402,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
             )
             .query(&["limit", "offset", "type"])
             .list(),
-            pending::<ListTransactionsRequest, ListTransactionsResponse>(
-                Method::GET,
-                "/billing.v1.CreditsService/ListTransactions",
-            ),
+            get(credits::transactions),
         ),
         (
             doc(
@@ -360,10 +413,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Credits",
             )
             .query(&["months"]),
-            pending::<GetMonthlyStatsRequest, GetMonthlyStatsResponse>(
-                Method::GET,
-                "/billing.v1.CreditsService/GetMonthlyStats",
-            ),
+            get(credits::monthly),
         ),
         (
             doc(
@@ -405,10 +455,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Credits",
             ),
-            pending::<GetCreditInfoRequest, GetCreditInfoResponse>(
-                Method::GET,
-                "/billing.v1.CreditsService/GetCreditInfo",
-            ),
+            get(credits::user_credit_info),
         ),
         (
             doc(
@@ -585,10 +632,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
             )
             .query(&["limit", "offset", "org_id", "type"])
             .list(),
-            pending::<AdminListTransactionsRequest, AdminListTransactionsResponse>(
-                Method::GET,
-                "/billing.v1.AdminService/ListTransactions",
-            ),
+            get(credits::admin_transactions),
         ),
         (
             doc(
@@ -599,10 +643,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Admin",
             )
             .body("ManualBody"),
-            pending::<ManualAdjustRequest, ManualAdjustResponse>(
-                Method::POST,
-                "/billing.v1.AdminService/ManualAdjust",
-            ),
+            post(credits::manual),
         ),
         (
             doc(
@@ -677,16 +718,28 @@ async fn openapi_json() -> Response {
 }
 
 /// The REST router over `channel`.
-pub fn router(channel: GrpcChannel, metrics: Arc<Metrics>) -> Router {
+pub fn router(channel: GrpcChannel, auth: GatewayAuth, metrics: Arc<Metrics>) -> Router {
     let mut router: Router<Gateway> = Router::new();
+    let mut access = HashMap::new();
     for (doc, handler) in routes() {
+        if let Ok(method) = doc.method.parse::<Method>() {
+            access.insert((method, doc.path), doc.access);
+        }
         router = router.route(doc.path, handler);
     }
+    let route_auth = RouteAuth {
+        auth,
+        access: Arc::new(access),
+    };
     let state = Gateway {
         channel,
         metrics: metrics.clone(),
     };
     router
+        .route_layer(axum::middleware::from_fn_with_state(
+            route_auth,
+            authenticate,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

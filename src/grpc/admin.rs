@@ -2,9 +2,15 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert;
-use super::not_yet;
-use crate::{catalog, pb, state::AppState};
+use super::{convert, input, not_yet};
+use crate::{
+    auth::caller,
+    catalog,
+    error::Error,
+    ledger::{AdjustInput, reads},
+    pb,
+    state::AppState,
+};
 
 pub struct AdminApi {
     state: AppState,
@@ -58,16 +64,76 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn list_transactions(
         &self,
-        _request: Request<pb::AdminListTransactionsRequest>,
+        request: Request<pb::AdminListTransactionsRequest>,
     ) -> Result<Response<pb::AdminListTransactionsResponse>, Status> {
-        not_yet!("AdminService.ListTransactions")
+        let r = request.into_inner();
+        let (limit, offset) = input::page(r.page.as_ref())?;
+        let kind = input::transaction_type(r.r#type.as_deref())?;
+        let org = input::optional("org_id", r.org_id.as_deref(), input::MAX_ID)?;
+        let (rows, total) = reads::transactions(
+            &self.state.ledger,
+            org.as_deref(),
+            kind.as_deref(),
+            limit,
+            offset,
+        )
+        .await?;
+        let page = convert::page_info(limit, offset, rows.len(), total);
+        Ok(Response::new(pb::AdminListTransactionsResponse {
+            transactions: rows.into_iter().map(convert::transaction).collect(),
+            page: Some(page),
+        }))
     }
 
     async fn manual_adjust(
         &self,
-        _request: Request<pb::ManualAdjustRequest>,
+        request: Request<pb::ManualAdjustRequest>,
     ) -> Result<Response<pb::ManualAdjustResponse>, Status> {
-        not_yet!("AdminService.ManualAdjust")
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let org = input::required("org_id", &r.org_id, input::MAX_ID)?;
+        if r.amount_micros == 0 {
+            return Err(Error::invalid("amount", "must not be zero").into());
+        }
+        let reason = input::required("reason", &r.reason, input::MAX_TEXT)?;
+        let expires_at = match &r.expires_at {
+            None => None,
+            Some(_) if r.amount_micros < 0 => {
+                return Err(Error::invalid(
+                    "expires_at",
+                    "applies to grants (positive amounts) only",
+                )
+                .into());
+            }
+            Some(t) => {
+                let at = input::timestamp("expires_at", t)?;
+                if at <= self.state.clock.now() {
+                    return Err(Error::invalid("expires_at", "must be in the future").into());
+                }
+                Some(at)
+            }
+        };
+        let out = self
+            .state
+            .ledger
+            .adjust(AdjustInput {
+                org,
+                amount: r.amount_micros,
+                reason,
+                expires_at,
+                key: input::optional(
+                    "idempotency_key",
+                    r.idempotency_key.as_deref(),
+                    input::MAX_ID,
+                )?,
+                actor,
+            })
+            .await?;
+        Ok(Response::new(pb::ManualAdjustResponse {
+            transaction_id: out.transaction_id,
+            balance_micros: out.balance_micros,
+            duplicate: out.duplicate,
+        }))
     }
 
     async fn get_checkin_config(

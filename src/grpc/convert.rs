@@ -1,8 +1,11 @@
 //! Conversions from stored rows and domain values to wire messages.
 
+use chrono::{DateTime, Utc};
+
 use crate::{
     catalog::plan_features,
     entities::{pack, plan, rate},
+    ledger::reads::TransactionRow,
     pb,
 };
 
@@ -47,5 +50,33 @@ pub fn rate(r: rate::Model) -> pb::Rate {
         model: (!r.model.is_empty()).then_some(r.model),
         credits_per_unit_micros: r.credits_per_unit_micros,
         description: r.description,
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn transaction(t: TransactionRow) -> pb::Transaction {
+    pb::Transaction {
+        id: t.row.id,
+        r#type: t.row.kind,
+        amount_micros: t.row.amount_micros,
+        balance_after_micros: t.row.balance_after_micros,
+        description: t.row.description,
+        created_at: Some(timestamp(t.row.created_at)),
+        org_id: t.org,
+    }
+}
+
+pub fn page_info(limit: u64, offset: u64, returned: usize, total: u64) -> pb::PageInfo {
+    pb::PageInfo {
+        limit: limit as i32,
+        offset: offset as i32,
+        total: total as i64,
+        has_more: offset + (returned as u64) < total,
     }
 }

@@ -8,6 +8,7 @@ mod admin;
 mod checkin;
 mod convert;
 mod credits;
+mod input;
 mod packs;
 mod payment;
 mod subscriptions;

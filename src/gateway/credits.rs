@@ -1,0 +1,366 @@
+//! REST ⇄ gRPC for the credit routes: balance, transactions, monthly
+//! statistics, `/user/credits/info` (seed 003's un-enveloped shape) and the
+//! admin ledger routes. Credits travel as exact decimal JSON numbers.
+
+use std::collections::HashMap;
+
+use axum::{
+    Json,
+    extract::{Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tonic::Status;
+
+use super::{ApiError, ApiResult, Gateway, JsonBody, Num, Pagination, envelope, grpc_request};
+use crate::{domain::parse_credits, error::Error, pb};
+
+type Params = Query<HashMap<String, String>>;
+
+/// An optional integer query parameter, named in the error if malformed.
+fn int_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i32>, ApiError> {
+    match params.get(name).map(|v| v.trim()) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse::<i32>()
+            .map(Some)
+            .map_err(|_| Error::invalid(name, format!("`{v}` is not an integer")).into()),
+    }
+}
+
+fn text_param(params: &HashMap<String, String>, name: &str) -> Option<String> {
+    params
+        .get(name)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn page(params: &HashMap<String, String>) -> Result<pb::PageRequest, ApiError> {
+    Ok(pb::PageRequest {
+        limit: int_param(params, "limit")?,
+        offset: int_param(params, "offset")?.unwrap_or(0),
+    })
+}
+
+fn rfc3339(t: Option<prost_types::Timestamp>) -> Option<String> {
+    let t = t?;
+    chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn pagination(p: Option<pb::PageInfo>) -> Pagination {
+    let p = p.unwrap_or_default();
+    Pagination {
+        limit: p.limit,
+        offset: p.offset,
+        total: p.total,
+        has_more: p.has_more,
+    }
+}
+
+#[derive(Serialize)]
+struct ConsumptionJson {
+    storage_egress: Num,
+    ai_tokens: Num,
+    total: Num,
+}
+
+#[derive(Serialize)]
+struct BalanceJson {
+    balance: Num,
+    stored: Num,
+    realtime: Num,
+    consumption: ConsumptionJson,
+    period_start: Option<String>,
+}
+
+pub async fn balance(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
+    let b = client
+        .get_balance(grpc_request(&headers, pb::GetBalanceRequest {}))
+        .await?
+        .into_inner();
+    let c = b.consumption.unwrap_or_default();
+    Ok(envelope::ok(BalanceJson {
+        balance: Num::credits(b.balance_micros),
+        stored: Num::credits(b.stored_micros),
+        realtime: Num::credits(b.realtime_micros),
+        consumption: ConsumptionJson {
+            storage_egress: Num::credits(c.storage_egress_micros),
+            ai_tokens: Num::credits(c.ai_tokens_micros),
+            total: Num::credits(c.total_micros),
+        },
+        period_start: rfc3339(b.period_start),
+    }))
+}
+
+#[derive(Serialize)]
+struct TransactionJson {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    amount: Num,
+    balance_after: Num,
+    description: String,
+    created_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    org_id: Option<String>,
+}
+
+fn transaction_json(t: pb::Transaction, with_org: bool) -> TransactionJson {
+    TransactionJson {
+        id: t.id,
+        kind: t.r#type,
+        amount: Num::credits(t.amount_micros),
+        balance_after: Num::credits(t.balance_after_micros),
+        description: t.description,
+        created_at: rfc3339(t.created_at),
+        org_id: with_org.then_some(t.org_id),
+    }
+}
+
+pub async fn transactions(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> ApiResult {
+    let request = pb::ListTransactionsRequest {
+        page: Some(page(&params)?),
+        r#type: text_param(&params, "type"),
+    };
+    let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
+    let r = client
+        .list_transactions(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    let rows: Vec<_> = r
+        .transactions
+        .into_iter()
+        .map(|t| transaction_json(t, false))
+        .collect();
+    Ok(envelope::ok_page(rows, pagination(r.page)))
+}
+
+pub async fn admin_transactions(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> ApiResult {
+    let request = pb::AdminListTransactionsRequest {
+        page: Some(page(&params)?),
+        org_id: text_param(&params, "org_id"),
+        r#type: text_param(&params, "type"),
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .list_transactions(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    let rows: Vec<_> = r
+        .transactions
+        .into_iter()
+        .map(|t| transaction_json(t, true))
+        .collect();
+    Ok(envelope::ok_page(rows, pagination(r.page)))
+}
+
+#[derive(Serialize)]
+struct MonthJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    month: Option<String>,
+    consumption: Num,
+    purchases: Num,
+    grants: Num,
+    adjustments: Num,
+    balance: Num,
+}
+
+fn month_json(m: pb::MonthlyStat) -> MonthJson {
+    MonthJson {
+        month: rfc3339(m.month),
+        consumption: Num::credits(m.consumption_micros),
+        purchases: Num::credits(m.purchases_micros),
+        grants: Num::credits(m.grants_micros),
+        adjustments: Num::credits(m.adjustments_micros),
+        balance: Num::credits(m.balance_micros),
+    }
+}
+
+/// Seed 002: `{"success": true, "data": [...], "totals": {...}}`.
+#[derive(Serialize)]
+struct MonthlyJson {
+    success: bool,
+    data: Vec<MonthJson>,
+    totals: MonthJson,
+}
+
+pub async fn monthly(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> ApiResult {
+    let request = pb::GetMonthlyStatsRequest {
+        months: int_param(&params, "months")?,
+    };
+    let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
+    let r = client
+        .get_monthly_stats(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(Json(MonthlyJson {
+        success: true,
+        data: r.months.into_iter().map(month_json).collect(),
+        totals: month_json(r.totals.unwrap_or_default()),
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+struct BreakdownJson {
+    purchase_kind: String,
+    allocated_units: i64,
+    remaining_units: i64,
+    expiry_date: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct ActiveSubscriptionJson {
+    id: String,
+    display_name: String,
+    credits: i64,
+    created_at: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct CreditInfoJson {
+    credits: i64,
+    breakdown: Vec<BreakdownJson>,
+    active_subscription: Option<ActiveSubscriptionJson>,
+    allow_usage: bool,
+}
+
+/// Whole credits, rounded down (seed 003's integer units).
+fn whole(micros: i64) -> i64 {
+    micros.div_euclid(crate::domain::MICROS_PER_CREDIT)
+}
+
+/// Seed 003 answers errors as `{"error": CODE}`; a missing or bad token is
+/// `402 INVALID_API_KEY`.
+fn info_error(status: Status) -> Response {
+    let api = ApiError::from(status);
+    let (code, http) = if api.status == StatusCode::UNAUTHORIZED {
+        ("INVALID_API_KEY".to_owned(), StatusCode::PAYMENT_REQUIRED)
+    } else {
+        (api.code, api.status)
+    };
+    (http, Json(serde_json::json!({ "error": code }))).into_response()
+}
+
+/// The seed 003 error of a token refused before the call.
+pub fn user_credit_info_error(err: Error) -> Response {
+    info_error(err.into())
+}
+
+pub async fn user_credit_info(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
+    let info = match client
+        .get_credit_info(grpc_request(&headers, pb::GetCreditInfoRequest {}))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return info_error(status),
+    };
+    Json(CreditInfoJson {
+        credits: whole(info.credits_micros),
+        breakdown: info
+            .breakdown
+            .into_iter()
+            .map(|l| BreakdownJson {
+                purchase_kind: l.purchase_kind,
+                allocated_units: whole(l.allocated_micros),
+                remaining_units: whole(l.remaining_micros),
+                expiry_date: l.expires_at.map(|t| t.seconds),
+            })
+            .collect(),
+        active_subscription: info.active_subscription.map(|s| ActiveSubscriptionJson {
+            id: s.id,
+            display_name: s.display_name,
+            credits: s.credits,
+            created_at: s.created_at.map(|t| t.seconds),
+        }),
+        allow_usage: info.allow_usage,
+    })
+    .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct ManualBody {
+    org_id: String,
+    amount: Box<RawValue>,
+    reason: String,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ManualJson {
+    transaction_id: String,
+    balance: Num,
+}
+
+/// A JSON number of credits, exactly (no floating point).
+fn credits_field(field: &str, raw: &RawValue) -> Result<i64, ApiError> {
+    let text = raw.get().trim();
+    if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return Err(Error::invalid(field, "must be a number of credits").into());
+    }
+    parse_credits(text).map_err(|e| Error::invalid(field, e).into())
+}
+
+pub async fn manual(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ManualBody>,
+) -> ApiResult {
+    let amount_micros = credits_field("amount", &body.amount)?;
+    let expires_at = match body
+        .expires_at
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        None => None,
+        Some(s) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| {
+                ApiError::from(Error::invalid(
+                    "expires_at",
+                    "must be an RFC 3339 date-time",
+                ))
+            })?;
+            Some(prost_types::Timestamp {
+                seconds: t.timestamp(),
+                nanos: t.timestamp_subsec_nanos() as i32,
+            })
+        }
+    };
+    let request = pb::ManualAdjustRequest {
+        org_id: body.org_id,
+        amount_micros,
+        reason: body.reason,
+        expires_at,
+        idempotency_key: body.idempotency_key,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .manual_adjust(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(ManualJson {
+        transaction_id: r.transaction_id,
+        balance: Num::credits(r.balance_micros),
+    }))
+}

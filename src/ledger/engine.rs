@@ -1,0 +1,1288 @@
+//! Every ledger write, batched: one database transaction per batch.
+//!
+//! Callers hand an operation to [`Ledger`]; worker tasks take whatever has
+//! queued up (up to [`MAX_BATCH`]) and run it as one transaction:
+//!
+//! 1. lock the organizations' rows in id order (`SELECT … FOR UPDATE` on
+//!    PostgreSQL; on SQLite this process's single writer lock), so replicas
+//!    never interleave on one organization and never deadlock each other;
+//! 2. load each organization's live lots, the holds the batch names or that
+//!    have expired, and the idempotency records of the batch's keys;
+//! 3. sweep expiries, then apply each operation through [`super::model`], in
+//!    arrival order: a refused operation (insufficient credits, key reused)
+//!    changes nothing and does not affect the others;
+//! 4. write every change with a few multi-row statements and commit.
+//!
+//! Answers are released only after the commit. A transient failure
+//! (serialization, deadlock, busy) retries the whole batch; any other
+//! failure of a multi-operation batch re-runs its operations one by one so
+//! one bad operation cannot fail its neighbours.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use chrono::{DateTime, Datelike, TimeDelta, Utc};
+use sea_orm::{
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, Condition, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    sea_query::{CaseStatement, Expr, ExprTrait, OnConflict},
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AdjustInput, AdjustOutcome, CommitInput, CommitOutcome, ConsumeInput, ConsumeOutcome,
+    GrantInput, GrantOutcome, HoldAmount, Rates, ReleaseInput, ReleaseOutcome, ReserveInput,
+    ReserveOutcome,
+    model::{Book, EntryDetails, Hold, HoldStatus, Lot, LotKind, LotRef},
+};
+use crate::{
+    clock::SharedClock,
+    entities::{
+        admin_audit, credit_lot, idempotency_record, ledger_monthly, ledger_transaction,
+        lot_allocation, organization, reservation,
+    },
+    error::{Error, Result},
+};
+
+/// Most operations one transaction carries.
+pub const MAX_BATCH: usize = 256;
+/// Attempts of a batch on transient failures.
+const ATTEMPTS: u32 = 6;
+
+enum Op {
+    Consume(ConsumeInput),
+    Reserve(ReserveInput),
+    Commit(CommitInput),
+    Release(ReleaseInput),
+    Adjust(AdjustInput),
+    Grant(GrantInput),
+    /// Only the sweep that every transaction does on load, for one
+    /// organization (by row id).
+    Sweep(i64),
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Consume(ConsumeOutcome),
+    Reserve(ReserveOutcome),
+    Commit(CommitOutcome),
+    Release(ReleaseOutcome),
+    Adjust(AdjustOutcome),
+    Grant(GrantOutcome),
+    Swept,
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Outcome>>,
+}
+
+/// An operation made ready for the transaction: its organization's row id,
+/// its cost and its idempotency key resolved outside the transaction.
+struct Prepared {
+    org_id: i64,
+    op: Op,
+    cost: i64,
+    idem: Option<IdemKey>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct IdemKey {
+    org_id: i64,
+    method: &'static str,
+    key: String,
+    hash: String,
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    clock: SharedClock,
+    rates: RwLock<Arc<Rates>>,
+    orgs: RwLock<HashMap<String, i64>>,
+    queue: Mutex<mpsc::Receiver<Job>>,
+    /// SQLite has one writer: every write transaction of this process holds
+    /// this lock, so none ever meets "database is locked".
+    write_lock: Option<Mutex<()>>,
+}
+
+/// The ledger's write side and its caches. Cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+    sender: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ledger")
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// `sha256(parts joined by NUL)`, hex: the fingerprint a replay must match.
+fn request_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+fn is_transient(err: &DbErr) -> bool {
+    let text = err.to_string().to_ascii_lowercase();
+    [
+        "could not serialize",
+        "deadlock",
+        "database is locked",
+        "database table is locked",
+        "busy",
+        "40001",
+        "40p01",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+        || matches!(
+            err.sql_err(),
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+        )
+}
+
+impl Ledger {
+    /// Starts the batch workers on `db`. They stop when `shutdown` is
+    /// cancelled, after finishing the batch in hand.
+    pub async fn start(
+        db: DatabaseConnection,
+        clock: SharedClock,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        let rates = Rates::load(&db).await?;
+        let sqlite = db.get_database_backend() == DbBackend::Sqlite;
+        let (sender, receiver) = mpsc::channel(4096);
+        let ledger = Self {
+            inner: Arc::new(Inner {
+                db,
+                clock,
+                rates: RwLock::new(Arc::new(rates)),
+                orgs: RwLock::new(HashMap::new()),
+                queue: Mutex::new(receiver),
+                write_lock: sqlite.then(|| Mutex::new(())),
+            }),
+            sender,
+        };
+        // SQLite writes one transaction at a time; PostgreSQL overlaps two
+        // batches (different organizations proceed, the same one queues on
+        // its row lock).
+        let workers = if sqlite { 1 } else { 2 };
+        for _ in 0..workers {
+            let worker = ledger.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move { worker.work(stop).await });
+        }
+        let reloader = ledger.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+                if let Err(e) = reloader.reload_rates().await {
+                    tracing::warn!(error = %e, "could not reload rates");
+                }
+            }
+        });
+        Ok(ledger)
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    pub fn rates(&self) -> Arc<Rates> {
+        self.inner
+            .rates
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    pub async fn reload_rates(&self) -> Result<()> {
+        let rates = Arc::new(Rates::load(&self.inner.db).await?);
+        if let Ok(mut slot) = self.inner.rates.write() {
+            *slot = rates;
+        }
+        Ok(())
+    }
+
+    async fn submit(&self, op: Op) -> Result<Outcome> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| Error::Unavailable("the ledger is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| Error::Unavailable("the ledger stopped before answering".into()))?
+    }
+
+    pub async fn consume(&self, input: ConsumeInput) -> Result<ConsumeOutcome> {
+        match self.submit(Op::Consume(input)).await? {
+            Outcome::Consume(o) => Ok(o),
+            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    pub async fn reserve(&self, input: ReserveInput) -> Result<ReserveOutcome> {
+        match self.submit(Op::Reserve(input)).await? {
+            Outcome::Reserve(o) => Ok(o),
+            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    pub async fn commit(&self, input: CommitInput) -> Result<CommitOutcome> {
+        match self.submit(Op::Commit(input)).await? {
+            Outcome::Commit(o) => Ok(o),
+            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    pub async fn release(&self, input: ReleaseInput) -> Result<ReleaseOutcome> {
+        match self.submit(Op::Release(input)).await? {
+            Outcome::Release(o) => Ok(o),
+            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    pub async fn adjust(&self, input: AdjustInput) -> Result<AdjustOutcome> {
+        match self.submit(Op::Adjust(input)).await? {
+            Outcome::Adjust(o) => Ok(o),
+            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    pub async fn grant(&self, input: GrantInput) -> Result<GrantOutcome> {
+        match self.submit(Op::Grant(input)).await? {
+            Outcome::Grant(o) => Ok(o),
+            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Books the expiries of organization `org_id` now.
+    pub(crate) async fn sweep_org(&self, org_id: i64) -> Result<()> {
+        self.submit(Op::Sweep(org_id)).await.map(|_| ())
+    }
+
+    /// The row id of organization `external_id`, if it exists.
+    pub async fn org_id(&self, external_id: &str) -> Result<Option<i64>> {
+        if let Some(id) = self
+            .inner
+            .orgs
+            .read()
+            .ok()
+            .and_then(|m| m.get(external_id).copied())
+        {
+            return Ok(Some(id));
+        }
+        let row = organization::Entity::find()
+            .filter(organization::Column::ExternalId.eq(external_id))
+            .one(&self.inner.db)
+            .await?;
+        if let (Some(row), Ok(mut cache)) = (&row, self.inner.orgs.write()) {
+            cache.insert(external_id.to_owned(), row.id);
+        }
+        Ok(row.map(|r| r.id))
+    }
+
+    /// Row ids of `external_ids`, creating the organizations that do not
+    /// exist yet (an organization is created on first use).
+    async fn ensure_orgs(&self, external_ids: &BTreeSet<String>) -> Result<HashMap<String, i64>> {
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        if let Ok(cache) = self.inner.orgs.read() {
+            for ext in external_ids {
+                match cache.get(ext) {
+                    Some(id) => {
+                        found.insert(ext.clone(), *id);
+                    }
+                    None => missing.push(ext.clone()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let now = self.now();
+        {
+            let _guard = match &self.inner.write_lock {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
+            organization::Entity::insert_many(missing.iter().map(|ext| {
+                organization::ActiveModel {
+                    external_id: Set(ext.clone()),
+                    balance_micros: Set(0),
+                    held_micros: Set(0),
+                    ledger_seq: Set(0),
+                    stripe_customer_id: Set(None),
+                    creem_customer_id: Set(None),
+                    last_purchase_attempt_at: Set(None),
+                    created_at: Set(now),
+                    updated_at: Set(now),
+                    ..Default::default()
+                }
+            }))
+            .on_conflict(
+                OnConflict::column(organization::Column::ExternalId)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.inner.db)
+            .await?;
+        }
+        let rows = organization::Entity::find()
+            .filter(organization::Column::ExternalId.is_in(missing))
+            .all(&self.inner.db)
+            .await?;
+        if let Ok(mut cache) = self.inner.orgs.write() {
+            for row in rows {
+                cache.insert(row.external_id.clone(), row.id);
+                found.insert(row.external_id, row.id);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn work(self, shutdown: CancellationToken) {
+        loop {
+            let batch = {
+                let mut queue = self.inner.queue.lock().await;
+                let first = tokio::select! {
+                    () = shutdown.cancelled() => None,
+                    job = queue.recv() => job,
+                };
+                let Some(first) = first else { break };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                batch
+            };
+            self.run_batch(batch).await;
+        }
+    }
+
+    /// Runs `jobs` and answers each of them.
+    async fn run_batch(&self, jobs: Vec<Job>) {
+        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.into_iter().map(|j| (j.op, j.reply)).unzip();
+        let results = self.execute(ops).await;
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Executes `ops` (one transaction, or one each after a failure) and
+    /// returns one result per op, in order.
+    async fn execute(&self, ops: Vec<Op>) -> Vec<Result<Outcome>> {
+        let count = ops.len();
+        let mut results: Vec<Option<Result<Outcome>>> = (0..count).map(|_| None).collect();
+        let mut prepared = Vec::with_capacity(count);
+        let mut slots = Vec::with_capacity(count);
+        for (slot, op) in self.prepare(ops).await.into_iter().enumerate() {
+            match op {
+                Ok(p) => {
+                    prepared.push(p);
+                    slots.push(slot);
+                }
+                Err(e) => results[slot] = Some(Err(e)),
+            }
+        }
+        if !prepared.is_empty() {
+            let outcomes = match self.transact(&prepared).await {
+                Ok(outcomes) => outcomes,
+                Err(e) if prepared.len() > 1 => {
+                    tracing::warn!(error = %e, ops = prepared.len(), "batch failed; running its operations one by one");
+                    let mut each = Vec::with_capacity(prepared.len());
+                    for p in &prepared {
+                        let single = self.transact(std::slice::from_ref(p)).await;
+                        each.push(single.and_then(|mut v| {
+                            v.pop().unwrap_or_else(|| Err(Error::internal("empty")))
+                        }));
+                    }
+                    each
+                }
+                Err(e) => vec![Err(e)],
+            };
+            for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                results[slot] = Some(outcome);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::internal("operation lost in batch"))))
+            .collect()
+    }
+
+    /// Resolves organizations, costs and idempotency fingerprints.
+    async fn prepare(&self, ops: Vec<Op>) -> Vec<Result<Prepared>> {
+        let mut externals = BTreeSet::new();
+        for op in &ops {
+            match op {
+                Op::Consume(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Reserve(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Adjust(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Grant(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Commit(_) | Op::Release(_) | Op::Sweep(_) => {}
+            }
+        }
+        let orgs = match self.ensure_orgs(&externals).await {
+            Ok(orgs) => orgs,
+            Err(e) => {
+                let message = e.to_string();
+                return ops
+                    .into_iter()
+                    .map(|_| Err(Error::Unavailable(message.clone())))
+                    .collect();
+            }
+        };
+        let rates = self.rates();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(self.prepare_one(op, &orgs, &rates).await);
+        }
+        out
+    }
+
+    async fn prepare_one(
+        &self,
+        op: Op,
+        orgs: &HashMap<String, i64>,
+        rates: &Rates,
+    ) -> Result<Prepared> {
+        let org = |ext: &str| {
+            orgs.get(ext)
+                .copied()
+                .ok_or_else(|| Error::internal(format!("organization {ext} was not created")))
+        };
+        match op {
+            Op::Consume(ref i) => {
+                let org_id = org(&i.org)?;
+                let cost = rates.cost(i.meter, i.model.as_deref(), i.quantity)?;
+                let hash = request_hash(&[
+                    i.meter.as_str(),
+                    &i.quantity.to_string(),
+                    i.model.as_deref().unwrap_or(""),
+                    i.description.as_deref().unwrap_or(""),
+                ]);
+                let idem = IdemKey {
+                    org_id,
+                    method: "consume",
+                    key: i.key.clone(),
+                    hash,
+                };
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: Some(idem),
+                })
+            }
+            Op::Reserve(ref i) => {
+                let org_id = org(&i.org)?;
+                let (cost, fingerprint) = match &i.amount {
+                    HoldAmount::Micros(m) => (*m, format!("amount:{m}")),
+                    HoldAmount::Usage {
+                        meter,
+                        quantity,
+                        model,
+                    } => (
+                        rates.cost(*meter, model.as_deref(), *quantity)?,
+                        format!(
+                            "usage:{}:{quantity}:{}",
+                            meter.as_str(),
+                            model.as_deref().unwrap_or("")
+                        ),
+                    ),
+                };
+                let hash = request_hash(&[&fingerprint, &i.ttl_seconds.to_string()]);
+                let idem = IdemKey {
+                    org_id,
+                    method: "reserve",
+                    key: i.key.clone(),
+                    hash,
+                };
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: Some(idem),
+                })
+            }
+            Op::Commit(ref i) => {
+                let org_id = self.hold_org(&i.reservation_id, i.org.as_deref()).await?;
+                let cost = rates.cost(i.meter, i.model.as_deref(), i.quantity)?;
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: None,
+                })
+            }
+            Op::Release(ref i) => {
+                let org_id = self.hold_org(&i.reservation_id, i.org.as_deref()).await?;
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost: 0,
+                    idem: None,
+                })
+            }
+            Op::Adjust(ref i) => {
+                let org_id = org(&i.org)?;
+                let cost = i.amount;
+                let idem = i.key.as_ref().map(|key| IdemKey {
+                    org_id,
+                    method: "manual_adjust",
+                    key: key.clone(),
+                    hash: request_hash(&[
+                        &i.amount.to_string(),
+                        &i.reason,
+                        &i.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    ]),
+                });
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem,
+                })
+            }
+            Op::Grant(ref i) => {
+                let org_id = org(&i.org)?;
+                let cost = i.amount;
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: None,
+                })
+            }
+            Op::Sweep(org_id) => Ok(Prepared {
+                org_id,
+                op,
+                cost: 0,
+                idem: None,
+            }),
+        }
+    }
+
+    /// The organization of reservation `id` (checked against `org`).
+    async fn hold_org(&self, id: &str, org: Option<&str>) -> Result<i64> {
+        let row = reservation::Entity::find_by_id(id.to_owned())
+            .one(&self.inner.db)
+            .await?
+            .ok_or(Error::ReservationNotFound)?;
+        if let Some(ext) = org
+            && self.org_id(ext).await? != Some(row.org_id)
+        {
+            return Err(Error::ReservationNotFound);
+        }
+        Ok(row.org_id)
+    }
+
+    /// One transaction over `ops`, retried on transient failures.
+    async fn transact(&self, ops: &[Prepared]) -> Result<Vec<Result<Outcome>>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let _guard = match &self.inner.write_lock {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
+            let now = self.now();
+            let txn = self.inner.db.begin().await?;
+            let result = match apply_batch(&txn, ops, now).await {
+                Ok(outcomes) => txn.commit().await.map(|()| outcomes),
+                Err(BatchError::Db(e)) => {
+                    let _ = txn.rollback().await;
+                    Err(e)
+                }
+                Err(BatchError::Rule(e)) => {
+                    let _ = txn.rollback().await;
+                    return Err(e);
+                }
+            };
+            match result {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
+                    drop(_guard);
+                    tracing::debug!(error = %e, attempt, "retrying ledger batch");
+                    tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+enum BatchError {
+    /// The database failed: maybe transient.
+    Db(DbErr),
+    /// A broken invariant: never retried, nothing written.
+    Rule(Error),
+}
+
+impl From<DbErr> for BatchError {
+    fn from(e: DbErr) -> Self {
+        Self::Db(e)
+    }
+}
+
+fn month_key(t: DateTime<Utc>) -> String {
+    format!("{:04}-{:02}", t.year(), t.month())
+}
+
+/// What the batch writes besides the books.
+#[derive(Default)]
+struct Extra {
+    idempotency: Vec<(IdemKey, String)>,
+    audits: Vec<admin_audit::ActiveModel>,
+}
+
+async fn apply_batch(
+    txn: &DatabaseTransaction,
+    ops: &[Prepared],
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Outcome>>, BatchError> {
+    let org_ids: Vec<i64> = ops
+        .iter()
+        .map(|p| p.org_id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+
+    // 1. Lock the organizations, in id order.
+    let orgs = organization::Entity::find()
+        .filter(organization::Column::Id.is_in(org_ids.clone()))
+        .order_by_asc(organization::Column::Id)
+        .lock_exclusive()
+        .all(txn)
+        .await?;
+
+    // 2. Their live lots, the holds that matter, the idempotency records.
+    let lots = credit_lot::Entity::find()
+        .filter(credit_lot::Column::OrgId.is_in(org_ids.clone()))
+        .filter(credit_lot::Column::RemainingMicros.gt(0))
+        .filter(credit_lot::Column::Kind.ne(LotKind::Pending.as_str()))
+        .all(txn)
+        .await?;
+    let named_holds: Vec<String> = ops
+        .iter()
+        .filter_map(|p| match &p.op {
+            Op::Commit(i) => Some(i.reservation_id.clone()),
+            Op::Release(i) => Some(i.reservation_id.clone()),
+            _ => None,
+        })
+        .collect();
+    let holds = reservation::Entity::find()
+        .filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(reservation::Column::OrgId.is_in(org_ids.clone()))
+                        .add(reservation::Column::Status.eq(HoldStatus::Open.as_str()))
+                        .add(reservation::Column::ExpiresAt.lte(now)),
+                )
+                .add(reservation::Column::Id.is_in(named_holds)),
+        )
+        .all(txn)
+        .await?;
+    let keys: Vec<String> = ops
+        .iter()
+        .filter_map(|p| p.idem.as_ref().map(|k| k.key.clone()))
+        .collect();
+    let mut idem_seen: HashMap<(i64, &'static str, String), (String, String)> = HashMap::new();
+    if !keys.is_empty() {
+        let records = idempotency_record::Entity::find()
+            .filter(idempotency_record::Column::OrgId.is_in(org_ids.clone()))
+            .filter(idempotency_record::Column::Key.is_in(keys))
+            .all(txn)
+            .await?;
+        for r in records {
+            let method = match r.method.as_str() {
+                "consume" => "consume",
+                "reserve" => "reserve",
+                "manual_adjust" => "manual_adjust",
+                _ => continue,
+            };
+            idem_seen.insert((r.org_id, method, r.key), (r.request_hash, r.response));
+        }
+    }
+    let grant_sources: Vec<String> = ops
+        .iter()
+        .filter_map(|p| match &p.op {
+            Op::Grant(i) => i.source_id.clone(),
+            _ => None,
+        })
+        .collect();
+    let mut granted_sources: BTreeSet<(String, String)> = BTreeSet::new();
+    if !grant_sources.is_empty() {
+        for lot in credit_lot::Entity::find()
+            .filter(credit_lot::Column::SourceId.is_in(grant_sources))
+            .all(txn)
+            .await?
+        {
+            if let Some(id) = lot.source_id {
+                granted_sources.insert((lot.source_type, id));
+            }
+        }
+    }
+
+    let mut lots_by_org: HashMap<i64, Vec<Lot>> = HashMap::new();
+    for l in lots {
+        let Some(kind) = LotKind::parse(&l.kind) else {
+            return Err(BatchError::Rule(Error::internal(format!(
+                "lot {} has unknown kind {}",
+                l.id, l.kind
+            ))));
+        };
+        lots_by_org.entry(l.org_id).or_default().push(Lot {
+            id: LotRef::Stored(l.id),
+            kind,
+            allocated: l.allocated_micros,
+            remaining: l.remaining_micros,
+            expires_at: l.expires_at,
+            created_at: l.created_at,
+            source_type: l.source_type,
+            source_id: l.source_id,
+            dirty: false,
+        });
+    }
+    let mut holds_by_org: HashMap<i64, Vec<Hold>> = HashMap::new();
+    for h in holds {
+        let Some(status) = HoldStatus::parse(&h.status) else {
+            return Err(BatchError::Rule(Error::internal(format!(
+                "hold {} has unknown status",
+                h.id
+            ))));
+        };
+        holds_by_org.entry(h.org_id).or_default().push(Hold {
+            id: h.id,
+            held: h.held_micros,
+            status,
+            expires_at: h.expires_at,
+            meter: h.meter,
+            quantity: h.quantity,
+            model: h.model,
+            created_at: h.created_at,
+            is_new: false,
+            finished: false,
+            transaction_id: h.transaction_id,
+        });
+    }
+    let mut books: BTreeMap<i64, Book> = BTreeMap::new();
+    for o in orgs {
+        let mut book = Book::new(
+            o.id,
+            o.balance_micros,
+            o.held_micros,
+            o.ledger_seq,
+            lots_by_org.remove(&o.id).unwrap_or_default(),
+            holds_by_org.remove(&o.id).unwrap_or_default(),
+        );
+        book.sweep(now, new_id);
+        books.insert(o.id, book);
+    }
+
+    // 3. Apply each operation in order.
+    let mut extra = Extra::default();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for p in ops {
+        let Some(book) = books.get_mut(&p.org_id) else {
+            outcomes.push(Err(Error::internal(format!(
+                "organization {} vanished",
+                p.org_id
+            ))));
+            continue;
+        };
+        if let Some(idem) = &p.idem
+            && let Some((hash, response)) =
+                idem_seen.get(&(idem.org_id, idem.method, idem.key.clone()))
+        {
+            outcomes.push(if *hash == idem.hash {
+                replay(&p.op, response)
+            } else {
+                Err(Error::IdempotencyKeyReused)
+            });
+            continue;
+        }
+        let result = apply_one(book, p, now, &mut granted_sources, &mut extra);
+        if let Err(Error::Internal(detail)) = &result {
+            return Err(BatchError::Rule(Error::Internal(detail.clone())));
+        }
+        if let (Ok(outcome), Some(idem)) = (&result, &p.idem) {
+            let response = stored_response(outcome).map_err(BatchError::Rule)?;
+            idem_seen.insert(
+                (idem.org_id, idem.method, idem.key.clone()),
+                (idem.hash.clone(), response.clone()),
+            );
+            extra.idempotency.push((idem.clone(), response));
+        }
+        outcomes.push(result);
+    }
+
+    // 4. Write.
+    write_books(txn, &books, &extra, now).await?;
+    Ok(outcomes)
+}
+
+fn replay(op: &Op, response: &str) -> Result<Outcome> {
+    let bad =
+        |e: serde_json::Error| Error::internal(format!("stored idempotent answer unreadable: {e}"));
+    Ok(match op {
+        Op::Consume(_) => {
+            let mut o: ConsumeOutcome = serde_json::from_str(response).map_err(bad)?;
+            o.duplicate = true;
+            Outcome::Consume(o)
+        }
+        Op::Reserve(_) => {
+            let mut o: ReserveOutcome = serde_json::from_str(response).map_err(bad)?;
+            o.duplicate = true;
+            Outcome::Reserve(o)
+        }
+        Op::Adjust(_) => {
+            let mut o: AdjustOutcome = serde_json::from_str(response).map_err(bad)?;
+            o.duplicate = true;
+            Outcome::Adjust(o)
+        }
+        Op::Commit(_) | Op::Release(_) | Op::Grant(_) | Op::Sweep(_) => {
+            return Err(Error::internal("operation has no idempotency key"));
+        }
+    })
+}
+
+fn stored_response(outcome: &Outcome) -> Result<String> {
+    let text = match outcome {
+        Outcome::Consume(o) => serde_json::to_string(o),
+        Outcome::Reserve(o) => serde_json::to_string(o),
+        Outcome::Adjust(o) => serde_json::to_string(o),
+        Outcome::Commit(_) | Outcome::Release(_) | Outcome::Grant(_) | Outcome::Swept => {
+            return Err(Error::internal("operation has no idempotency key"));
+        }
+    };
+    text.map_err(|e| Error::internal(format!("cannot store answer: {e}")))
+}
+
+fn apply_one(
+    book: &mut Book,
+    p: &Prepared,
+    now: DateTime<Utc>,
+    granted_sources: &mut BTreeSet<(String, String)>,
+    extra: &mut Extra,
+) -> Result<Outcome> {
+    match &p.op {
+        Op::Consume(i) => {
+            let details = EntryDetails {
+                description: i.description.clone().unwrap_or_else(|| {
+                    default_usage_description(i.meter, i.quantity, i.model.as_deref())
+                }),
+                reference_type: Some("idempotency_key".into()),
+                reference_id: Some(i.key.clone()),
+                meter: Some(i.meter.as_str().into()),
+                quantity: Some(i.quantity),
+                model: i.model.clone(),
+            };
+            let entry = book.spend(new_id(), i.meter.transaction_type(), p.cost, details, now)?;
+            let transaction_id = entry.id.clone();
+            Ok(Outcome::Consume(ConsumeOutcome {
+                transaction_id,
+                charged_micros: p.cost,
+                balance_micros: book.available(),
+                duplicate: false,
+            }))
+        }
+        Op::Reserve(i) => {
+            let expires_at = now + TimeDelta::seconds(i.ttl_seconds);
+            let usage = match &i.amount {
+                HoldAmount::Micros(_) => (None, None, None),
+                HoldAmount::Usage {
+                    meter,
+                    quantity,
+                    model,
+                } => (
+                    Some(meter.as_str().to_owned()),
+                    Some(*quantity),
+                    model.clone(),
+                ),
+            };
+            let hold = book.hold(new_id(), p.cost, expires_at, usage, now)?;
+            Ok(Outcome::Reserve(ReserveOutcome {
+                reservation_id: hold.id.clone(),
+                held_micros: hold.held,
+                expires_at,
+                duplicate: false,
+            }))
+        }
+        Op::Commit(i) => {
+            let details = EntryDetails {
+                description: i.description.clone().unwrap_or_else(|| {
+                    default_usage_description(i.meter, i.quantity, i.model.as_deref())
+                }),
+                reference_type: Some("reservation".into()),
+                reference_id: Some(i.reservation_id.clone()),
+                meter: Some(i.meter.as_str().into()),
+                quantity: Some(i.quantity),
+                model: i.model.clone(),
+            };
+            let (transaction_id, charged, shortfall, released) =
+                book.commit_hold(&i.reservation_id, new_id(), p.cost, details, now)?;
+            Ok(Outcome::Commit(CommitOutcome {
+                transaction_id,
+                charged_micros: charged,
+                shortfall_micros: shortfall,
+                released_micros: released,
+                balance_micros: book.available(),
+            }))
+        }
+        Op::Release(i) => {
+            let released = book.release_hold(&i.reservation_id)?;
+            Ok(Outcome::Release(ReleaseOutcome {
+                released_micros: released,
+                balance_micros: book.available(),
+            }))
+        }
+        Op::Adjust(i) => {
+            let details = EntryDetails {
+                description: i.reason.clone(),
+                reference_type: Some("admin".into()),
+                reference_id: Some(i.actor.clone()),
+                ..EntryDetails::default()
+            };
+            let transaction_id = if i.amount > 0 {
+                book.grant(
+                    new_id(),
+                    "manual",
+                    LotKind::Manual,
+                    i.amount,
+                    i.expires_at,
+                    ("manual".into(), None),
+                    details,
+                    now,
+                )
+                .map(|e| e.id.clone())
+                .unwrap_or_default()
+            } else {
+                book.spend(new_id(), "manual", -i.amount, details, now)?
+                    .id
+                    .clone()
+            };
+            extra.audits.push(admin_audit::ActiveModel {
+                actor_sub: Set(i.actor.clone()),
+                action: Set("manual_adjust".into()),
+                target_org: Set(Some(i.org.clone())),
+                reason: Set(i.reason.clone()),
+                details: Set(serde_json::json!({
+                    "amount_micros": i.amount,
+                    "transaction_id": transaction_id,
+                    "expires_at": i.expires_at,
+                    "idempotency_key": i.key,
+                })
+                .to_string()),
+                created_at: Set(now),
+                ..Default::default()
+            });
+            Ok(Outcome::Adjust(AdjustOutcome {
+                transaction_id,
+                balance_micros: book.available(),
+                duplicate: false,
+            }))
+        }
+        Op::Grant(i) => {
+            if let Some(source_id) = &i.source_id
+                && !granted_sources.insert((i.source_type.clone(), source_id.clone()))
+            {
+                return Ok(Outcome::Grant(GrantOutcome {
+                    transaction_id: String::new(),
+                    balance_micros: book.available(),
+                    duplicate: true,
+                }));
+            }
+            let details = EntryDetails {
+                description: i.description.clone(),
+                reference_type: Some(i.source_type.clone()),
+                reference_id: i.source_id.clone(),
+                ..EntryDetails::default()
+            };
+            let transaction_id = book
+                .grant(
+                    new_id(),
+                    i.entry_kind,
+                    i.lot_kind,
+                    i.amount,
+                    i.expires_at,
+                    (i.source_type.clone(), i.source_id.clone()),
+                    details,
+                    now,
+                )
+                .map(|e| e.id.clone())
+                .unwrap_or_default();
+            Ok(Outcome::Grant(GrantOutcome {
+                transaction_id,
+                balance_micros: book.available(),
+                duplicate: false,
+            }))
+        }
+        Op::Sweep(_) => Ok(Outcome::Swept),
+    }
+}
+
+fn default_usage_description(
+    meter: crate::domain::Meter,
+    quantity: i64,
+    model: Option<&str>,
+) -> String {
+    let unit = match meter {
+        crate::domain::Meter::StorageEgress => "bytes of storage egress",
+        crate::domain::Meter::AiTokens => "AI tokens",
+    };
+    match model {
+        Some(m) => format!("{quantity} {unit} ({m})"),
+        None => format!("{quantity} {unit}"),
+    }
+}
+
+/// Writes every change the books and `extra` hold.
+async fn write_books(
+    txn: &DatabaseTransaction,
+    books: &BTreeMap<i64, Book>,
+    extra: &Extra,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    // New lots first: their row ids are needed by the allocations.
+    let mut new_lot_ids: HashMap<(i64, usize), i64> = HashMap::new();
+    let mut lot_updates: Vec<(i64, i64)> = Vec::new();
+    for book in books.values() {
+        for lot in &book.lots {
+            match lot.id {
+                LotRef::New(n) => {
+                    let row = credit_lot::ActiveModel {
+                        org_id: Set(book.org_id),
+                        kind: Set(lot.kind.as_str().into()),
+                        allocated_micros: Set(lot.allocated),
+                        remaining_micros: Set(lot.remaining),
+                        expires_at: Set(lot.expires_at),
+                        source_type: Set(lot.source_type.clone()),
+                        source_id: Set(lot.source_id.clone()),
+                        created_at: Set(lot.created_at),
+                        ..Default::default()
+                    }
+                    .insert(txn)
+                    .await?;
+                    new_lot_ids.insert((book.org_id, n), row.id);
+                }
+                LotRef::Stored(id) if lot.dirty => lot_updates.push((id, lot.remaining)),
+                LotRef::Stored(_) => {}
+            }
+        }
+    }
+    if !lot_updates.is_empty() {
+        let mut case = CaseStatement::new();
+        for (id, remaining) in &lot_updates {
+            case = case.case(
+                Expr::col(credit_lot::Column::Id).eq(*id),
+                Expr::val(*remaining),
+            );
+        }
+        let case = case.finally(Expr::col(credit_lot::Column::RemainingMicros));
+        credit_lot::Entity::update_many()
+            .col_expr(credit_lot::Column::RemainingMicros, case.into())
+            .filter(credit_lot::Column::Id.is_in(lot_updates.iter().map(|(id, _)| *id)))
+            .exec(txn)
+            .await?;
+    }
+
+    let mut entries = Vec::new();
+    let mut allocations = Vec::new();
+    let mut monthly: BTreeMap<(i64, String, &'static str), (i64, i64)> = BTreeMap::new();
+    for book in books.values() {
+        for e in &book.entries {
+            entries.push(ledger_transaction::ActiveModel {
+                id: Set(e.id.clone()),
+                org_id: Set(book.org_id),
+                seq: Set(e.seq),
+                kind: Set(e.kind.into()),
+                amount_micros: Set(e.amount),
+                balance_after_micros: Set(e.balance_after),
+                description: Set(e.details.description.clone()),
+                reference_type: Set(e.details.reference_type.clone()),
+                reference_id: Set(e.details.reference_id.clone()),
+                meter: Set(e.details.meter.clone()),
+                quantity: Set(e.details.quantity),
+                model: Set(e.details.model.clone()),
+                created_at: Set(e.created_at),
+            });
+            for (lot, amount) in &e.allocations {
+                let lot_id = match lot {
+                    LotRef::Stored(id) => *id,
+                    LotRef::New(n) => {
+                        new_lot_ids
+                            .get(&(book.org_id, *n))
+                            .copied()
+                            .ok_or_else(|| {
+                                DbErr::Custom(format!(
+                                    "allocation to lot {n} that was not inserted"
+                                ))
+                            })?
+                    }
+                };
+                allocations.push(lot_allocation::ActiveModel {
+                    transaction_id: Set(e.id.clone()),
+                    lot_id: Set(lot_id),
+                    amount_micros: Set(*amount),
+                    ..Default::default()
+                });
+            }
+            let sums = monthly
+                .entry((book.org_id, month_key(e.created_at), e.kind))
+                .or_insert((0, 0));
+            if e.amount >= 0 {
+                sums.0 += e.amount;
+            } else {
+                sums.1 -= e.amount;
+            }
+        }
+    }
+    if !entries.is_empty() {
+        ledger_transaction::Entity::insert_many(entries)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    if !allocations.is_empty() {
+        lot_allocation::Entity::insert_many(allocations)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    if !monthly.is_empty() {
+        ledger_monthly::Entity::insert_many(monthly.into_iter().map(
+            |((org_id, month, kind), (credit, debit))| ledger_monthly::ActiveModel {
+                org_id: Set(org_id),
+                month: Set(month),
+                kind: Set(kind.into()),
+                credit_micros: Set(credit),
+                debit_micros: Set(debit),
+            },
+        ))
+        .on_conflict(
+            OnConflict::columns([
+                ledger_monthly::Column::OrgId,
+                ledger_monthly::Column::Month,
+                ledger_monthly::Column::Kind,
+            ])
+            .value(
+                ledger_monthly::Column::CreditMicros,
+                Expr::cust("ledger_monthly.credit_micros + excluded.credit_micros"),
+            )
+            .value(
+                ledger_monthly::Column::DebitMicros,
+                Expr::cust("ledger_monthly.debit_micros + excluded.debit_micros"),
+            )
+            .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+
+    let mut new_holds = Vec::new();
+    for book in books.values() {
+        for h in &book.holds {
+            if h.is_new {
+                new_holds.push(reservation::ActiveModel {
+                    id: Set(h.id.clone()),
+                    org_id: Set(book.org_id),
+                    held_micros: Set(h.held),
+                    status: Set(h.status.as_str().into()),
+                    meter: Set(h.meter.clone()),
+                    quantity: Set(h.quantity),
+                    model: Set(h.model.clone()),
+                    transaction_id: Set(h.transaction_id.clone()),
+                    expires_at: Set(h.expires_at),
+                    created_at: Set(h.created_at),
+                    finished_at: Set(h.finished.then_some(now)),
+                });
+            } else if h.finished {
+                reservation::Entity::update_many()
+                    .col_expr(reservation::Column::Status, Expr::val(h.status.as_str()))
+                    .col_expr(reservation::Column::FinishedAt, Expr::val(now))
+                    .col_expr(
+                        reservation::Column::TransactionId,
+                        Expr::val(h.transaction_id.clone()),
+                    )
+                    .filter(reservation::Column::Id.eq(h.id.clone()))
+                    .exec(txn)
+                    .await?;
+            }
+        }
+    }
+    if !new_holds.is_empty() {
+        reservation::Entity::insert_many(new_holds)
+            .exec_without_returning(txn)
+            .await?;
+    }
+
+    if !extra.idempotency.is_empty() {
+        idempotency_record::Entity::insert_many(extra.idempotency.iter().map(|(k, response)| {
+            idempotency_record::ActiveModel {
+                org_id: Set(k.org_id),
+                method: Set(k.method.into()),
+                key: Set(k.key.clone()),
+                request_hash: Set(k.hash.clone()),
+                response: Set(response.clone()),
+                created_at: Set(now),
+                ..Default::default()
+            }
+        }))
+        .exec_without_returning(txn)
+        .await?;
+    }
+    if !extra.audits.is_empty() {
+        admin_audit::Entity::insert_many(extra.audits.clone())
+            .exec_without_returning(txn)
+            .await?;
+    }
+
+    for book in books.values().filter(|b| b.touched) {
+        organization::Entity::update_many()
+            .col_expr(organization::Column::BalanceMicros, Expr::val(book.balance))
+            .col_expr(organization::Column::HeldMicros, Expr::val(book.held))
+            .col_expr(organization::Column::LedgerSeq, Expr::val(book.seq))
+            .col_expr(organization::Column::UpdatedAt, Expr::val(now))
+            .filter(organization::Column::Id.eq(book.org_id))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! Reading an organization's credits. Reads take no locks and write
+//! nothing: expired lots and holds that no sweep has booked yet are left out
+//! here by comparing with the clock, so a read never shows credits that can
+//! no longer be spent.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Statement, Value,
+};
+
+use super::{Ledger, model::LotKind};
+use crate::{
+    entities::{credit_lot, ledger_monthly, ledger_transaction, organization, plan, subscription},
+    error::{Error, Result},
+};
+
+/// The transaction types a listing may filter on.
+pub const TRANSACTION_TYPES: &[&str] = &[
+    "purchase",
+    "grant",
+    "ai_usage",
+    "storage_egress",
+    "checkin",
+    "coupon",
+    "manual",
+    "refund",
+    "expiry",
+    "reservation",
+];
+
+/// The usage types: what "consumption" counts.
+const USAGE_TYPES: &[&str] = &["ai_usage", "storage_egress"];
+
+/// First instant of `t`'s month.
+pub fn month_start(t: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(t)
+}
+
+fn months_back(t: DateTime<Utc>, n: u32) -> DateTime<Utc> {
+    let total = t.year() * 12 + t.month0() as i32 - n as i32;
+    NaiveDate::from_ymd_opt(total.div_euclid(12), total.rem_euclid(12) as u32 + 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| Utc.from_utc_datetime(&d))
+        .unwrap_or(t)
+}
+
+fn month_key(t: DateTime<Utc>) -> String {
+    format!("{:04}-{:02}", t.year(), t.month())
+}
+
+/// `?` placeholders for SQLite, `$n` for PostgreSQL.
+fn placeholders(backend: DbBackend, sql: &str) -> String {
+    if backend != DbBackend::Postgres {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Balance {
+    /// The committed ledger balance (live lots).
+    pub stored: i64,
+    /// Credits held by open, unexpired reservations.
+    pub realtime: i64,
+    /// Usage this calendar month, by meter.
+    pub storage_egress: i64,
+    pub ai_tokens: i64,
+    pub period_start: DateTime<Utc>,
+}
+
+impl Balance {
+    /// What can be spent now.
+    pub fn available(&self) -> i64 {
+        self.stored - self.realtime
+    }
+}
+
+const BALANCE_SQL: &str = "SELECT o.balance_micros AS balance, o.held_micros AS held, \
+  CAST(COALESCE((SELECT SUM(l.remaining_micros) FROM credit_lots l \
+     WHERE l.org_id = o.id AND l.remaining_micros > 0 AND l.kind <> 'pending' AND l.expires_at <= ?), 0) AS BIGINT) AS expired, \
+  CAST(COALESCE((SELECT SUM(r.held_micros) FROM reservations r \
+     WHERE r.org_id = o.id AND r.status = 'open' AND r.expires_at <= ?), 0) AS BIGINT) AS stale, \
+  CAST(COALESCE((SELECT SUM(m.debit_micros - m.credit_micros) FROM ledger_monthly m \
+     WHERE m.org_id = o.id AND m.month = ? AND m.type = 'ai_usage'), 0) AS BIGINT) AS ai, \
+  CAST(COALESCE((SELECT SUM(m.debit_micros - m.credit_micros) FROM ledger_monthly m \
+     WHERE m.org_id = o.id AND m.month = ? AND m.type = 'storage_egress'), 0) AS BIGINT) AS egress \
+  FROM organizations o WHERE o.id = ?";
+
+/// An organization's balance now, in one statement.
+pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
+    let now = ledger.now();
+    let period_start = month_start(now);
+    let Some(org_id) = ledger.org_id(org).await? else {
+        return Ok(Balance {
+            period_start,
+            ..Balance::default()
+        });
+    };
+    let db = ledger.db();
+    let backend = db.get_database_backend();
+    let month = month_key(now);
+    let values: Vec<Value> = vec![
+        now.into(),
+        now.into(),
+        month.clone().into(),
+        month.into(),
+        org_id.into(),
+    ];
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(backend, BALANCE_SQL),
+            values,
+        ))
+        .await?
+        .ok_or_else(|| Error::internal(format!("organization {org_id} vanished")))?;
+    let get = |col: &str| row.try_get::<i64>("", col);
+    Ok(Balance {
+        stored: get("balance")? - get("expired")?,
+        realtime: get("held")? - get("stale")?,
+        ai_tokens: get("ai")?,
+        storage_egress: get("egress")?,
+        period_start,
+    })
+}
+
+/// A ledger row with its organization's external id.
+#[derive(Debug, Clone)]
+pub struct TransactionRow {
+    pub row: ledger_transaction::Model,
+    pub org: String,
+}
+
+/// A page of the ledger, newest first: one organization's (by its exact
+/// sequence) or every organization's (by time).
+pub async fn transactions(
+    ledger: &Ledger,
+    org: Option<&str>,
+    kind: Option<&str>,
+    limit: u64,
+    offset: u64,
+) -> Result<(Vec<TransactionRow>, u64)> {
+    let db = ledger.db();
+    let mut query = ledger_transaction::Entity::find();
+    if let Some(org) = org {
+        let Some(org_id) = ledger.org_id(org).await? else {
+            return Ok((Vec::new(), 0));
+        };
+        query = query
+            .filter(ledger_transaction::Column::OrgId.eq(org_id))
+            .order_by_desc(ledger_transaction::Column::Seq);
+    } else {
+        query = query
+            .order_by_desc(ledger_transaction::Column::CreatedAt)
+            .order_by_desc(ledger_transaction::Column::Id);
+    }
+    if let Some(kind) = kind {
+        query = query.filter(ledger_transaction::Column::Kind.eq(kind));
+    }
+    let total = query.clone().count(db).await?;
+    let rows = query.limit(limit).offset(offset).all(db).await?;
+    let mut names: HashMap<i64, String> = HashMap::new();
+    let ids: Vec<i64> = rows.iter().map(|r| r.org_id).collect();
+    if !ids.is_empty() {
+        for o in organization::Entity::find()
+            .filter(organization::Column::Id.is_in(ids))
+            .all(db)
+            .await?
+        {
+            names.insert(o.id, o.external_id);
+        }
+    }
+    Ok((
+        rows.into_iter()
+            .map(|row| TransactionRow {
+                org: names.get(&row.org_id).cloned().unwrap_or_default(),
+                row,
+            })
+            .collect(),
+        total,
+    ))
+}
+
+/// One month of credit movements (CONTRACT §3 categories).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MonthStat {
+    pub month: Option<DateTime<Utc>>,
+    pub consumption: i64,
+    pub purchases: i64,
+    pub grants: i64,
+    pub adjustments: i64,
+}
+
+impl MonthStat {
+    /// Net change: grants + purchases − consumption + adjustments.
+    pub fn balance(&self) -> i64 {
+        self.grants + self.purchases - self.consumption + self.adjustments
+    }
+
+    fn add(&mut self, kind: &str, credit: i64, debit: i64) {
+        let net = credit - debit;
+        match kind {
+            k if USAGE_TYPES.contains(&k) => self.consumption -= net,
+            "purchase" => self.purchases += net,
+            "grant" | "checkin" | "coupon" => self.grants += net,
+            "manual" => {
+                self.grants += credit;
+                self.adjustments -= debit;
+            }
+            _ => self.adjustments += net,
+        }
+    }
+}
+
+/// `months` months up to and including the current one, ascending and
+/// zero-filled, with their totals.
+pub async fn monthly_stats(
+    ledger: &Ledger,
+    org: &str,
+    months: u32,
+) -> Result<(Vec<MonthStat>, MonthStat)> {
+    let now = ledger.now();
+    let first = months_back(month_start(now), months.saturating_sub(1));
+    let mut out: Vec<MonthStat> = (0..months)
+        .map(|i| MonthStat {
+            month: Some(months_back(month_start(now), months - 1 - i)),
+            ..MonthStat::default()
+        })
+        .collect();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, m) in out.iter().enumerate() {
+        if let Some(month) = m.month {
+            index.insert(month_key(month), i);
+        }
+    }
+    if let Some(org_id) = ledger.org_id(org).await? {
+        let rows = ledger_monthly::Entity::find()
+            .filter(ledger_monthly::Column::OrgId.eq(org_id))
+            .filter(ledger_monthly::Column::Month.gte(month_key(first)))
+            .all(ledger.db())
+            .await?;
+        for r in rows {
+            if let Some(&i) = index.get(&r.month) {
+                out[i].add(&r.kind, r.credit_micros, r.debit_micros);
+            }
+        }
+    }
+    let mut totals = MonthStat::default();
+    for m in &out {
+        totals.consumption += m.consumption;
+        totals.purchases += m.purchases;
+        totals.grants += m.grants;
+        totals.adjustments += m.adjustments;
+    }
+    Ok((out, totals))
+}
+
+/// A lot as `/user/credits/info` shows it.
+#[derive(Debug, Clone)]
+pub struct LotView {
+    pub id: i64,
+    pub kind: LotKind,
+    pub allocated: i64,
+    pub remaining: i64,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreditInfo {
+    pub balance: Balance,
+    /// Live lots with credits left (pending ones included), spend order.
+    pub lots: Vec<LotView>,
+    /// The effective plan and since when: the active subscription's, or the
+    /// free plan's.
+    pub plan: Option<plan::Model>,
+    pub plan_since: DateTime<Utc>,
+}
+
+/// Subscription statuses in which the plan is in force.
+pub const ACTIVE_STATUSES: &[&str] = &["active", "trialing", "past_due"];
+
+pub async fn credit_info(ledger: &Ledger, org: &str) -> Result<CreditInfo> {
+    let now = ledger.now();
+    let balance = balance(ledger, org).await?;
+    let db = ledger.db();
+    let mut lots = Vec::new();
+    let mut plan_row = None;
+    let mut plan_since = now;
+    if let Some(org_id) = ledger.org_id(org).await? {
+        let rows = credit_lot::Entity::find()
+            .filter(credit_lot::Column::OrgId.eq(org_id))
+            .filter(credit_lot::Column::RemainingMicros.gt(0))
+            .filter(
+                Condition::any()
+                    .add(credit_lot::Column::ExpiresAt.is_null())
+                    .add(credit_lot::Column::ExpiresAt.gt(now)),
+            )
+            .all(db)
+            .await?;
+        let mut model_lots: Vec<super::model::Lot> = Vec::new();
+        for r in rows {
+            let Some(kind) = LotKind::parse(&r.kind) else {
+                continue;
+            };
+            model_lots.push(super::model::Lot {
+                id: super::model::LotRef::Stored(r.id),
+                kind,
+                allocated: r.allocated_micros,
+                remaining: r.remaining_micros,
+                expires_at: r.expires_at,
+                created_at: r.created_at,
+                source_type: r.source_type,
+                source_id: r.source_id,
+                dirty: false,
+            });
+        }
+        model_lots.sort_by(super::model::spend_order);
+        lots = model_lots
+            .into_iter()
+            .map(|l| LotView {
+                id: match l.id {
+                    super::model::LotRef::Stored(id) => id,
+                    super::model::LotRef::New(n) => n as i64,
+                },
+                kind: l.kind,
+                allocated: l.allocated,
+                remaining: l.remaining,
+                expires_at: l.expires_at,
+                created_at: l.created_at,
+            })
+            .collect();
+        let sub = subscription::Entity::find()
+            .filter(subscription::Column::OrgId.eq(org_id))
+            .filter(subscription::Column::Status.is_in(ACTIVE_STATUSES.iter().copied()))
+            .order_by_desc(subscription::Column::CreatedAt)
+            .one(db)
+            .await?;
+        if let Some(sub) = sub {
+            plan_since = sub.created_at;
+            plan_row = plan::Entity::find_by_id(sub.plan_id).one(db).await?;
+        } else if let Some(o) = organization::Entity::find_by_id(org_id).one(db).await? {
+            plan_since = o.created_at;
+        }
+    }
+    if plan_row.is_none() {
+        plan_row = plan::Entity::find()
+            .filter(plan::Column::Code.eq("SUB_BASE"))
+            .one(db)
+            .await?;
+    }
+    Ok(CreditInfo {
+        balance,
+        lots,
+        plan: plan_row,
+        plan_since,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_arithmetic() {
+        let t = Utc
+            .with_ymd_and_hms(2026, 2, 15, 10, 0, 0)
+            .single()
+            .unwrap_or_default();
+        assert_eq!(month_key(months_back(month_start(t), 2)), "2025-12");
+        assert_eq!(month_key(months_back(month_start(t), 0)), "2026-02");
+        assert_eq!(month_key(months_back(month_start(t), 14)), "2024-12");
+    }
+
+    #[test]
+    fn categories_follow_the_contract() {
+        let mut m = MonthStat::default();
+        m.add("ai_usage", 0, 120);
+        m.add("purchase", 1100, 0);
+        m.add("grant", 500, 0);
+        m.add("manual", 30, 10);
+        m.add("expiry", 0, 5);
+        m.add("reservation", 0, 7);
+        assert_eq!(
+            (m.consumption, m.purchases, m.grants, m.adjustments),
+            (120, 1100, 530, -22)
+        );
+        assert_eq!(m.balance(), 530 + 1100 - 120 - 22);
+    }
+
+    #[test]
+    fn postgres_placeholders_are_numbered() {
+        assert_eq!(
+            placeholders(DbBackend::Postgres, "a = ? AND b = ?"),
+            "a = $1 AND b = $2"
+        );
+        assert_eq!(placeholders(DbBackend::Sqlite, "a = ?"), "a = ?");
+    }
+}
