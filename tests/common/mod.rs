@@ -20,6 +20,8 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
+pub mod invariants;
+
 pub const JWT_SECRET: &str = "integration-test-secret";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +130,13 @@ impl TestServer {
     /// A valid token for `sub` in `org` with `role`.
     pub fn token(&self, role: Role, org: &str) -> String {
         let now = chrono::Utc::now().timestamp();
-        self.keys
-            .issue(&format!("{}-1", role.as_str()), org, role, now, 3600)
+        self.keys.issue(
+            &format!("{}-1", role.as_str()),
+            org,
+            role,
+            now,
+            30 * 24 * 3600,
+        )
     }
 
     pub async fn stop(self) {

@@ -1,0 +1,866 @@
+//! The credit ledger over the real transports: consumption and rates,
+//! idempotency, holds, expiry on an injected clock, lot order, manual
+//! adjustments, and every credits read in the contract's shapes.
+
+mod common;
+
+use std::sync::Arc;
+
+use billing::{
+    auth::Role,
+    clock::{Clock, ManualClock},
+    pb,
+};
+use chrono::{TimeDelta, Utc};
+use common::{Backend, TestServer, authed, backends, invariants, reason};
+use serde_json::{Value, json};
+use tonic::{Code, transport::Channel};
+
+type R = Result<(), Box<dyn std::error::Error>>;
+const CREDIT: i64 = 1_000_000;
+
+struct Clients {
+    usage: pb::usage_service_client::UsageServiceClient<Channel>,
+    admin: pb::admin_service_client::AdminServiceClient<Channel>,
+    credits: pb::credits_service_client::CreditsServiceClient<Channel>,
+    service: String,
+    admin_token: String,
+}
+
+impl Clients {
+    async fn new(t: &TestServer) -> Self {
+        let ch = t.channel().await;
+        Self {
+            usage: pb::usage_service_client::UsageServiceClient::new(ch.clone()),
+            admin: pb::admin_service_client::AdminServiceClient::new(ch.clone()),
+            credits: pb::credits_service_client::CreditsServiceClient::new(ch),
+            service: t.token(Role::Service, "internal"),
+            admin_token: t.token(Role::Admin, "ops"),
+        }
+    }
+
+    async fn grant(
+        &mut self,
+        org: &str,
+        micros: i64,
+        expires_in: Option<TimeDelta>,
+        now: chrono::DateTime<Utc>,
+    ) -> i64 {
+        let request = pb::ManualAdjustRequest {
+            org_id: org.into(),
+            amount_micros: micros,
+            reason: "test grant".into(),
+            expires_at: expires_in.map(|d| {
+                let at = now + d;
+                prost_types::Timestamp {
+                    seconds: at.timestamp(),
+                    nanos: 0,
+                }
+            }),
+            idempotency_key: None,
+        };
+        self.admin
+            .manual_adjust(authed(&self.admin_token, request))
+            .await
+            .expect("grant")
+            .into_inner()
+            .balance_micros
+    }
+
+    async fn consume(
+        &mut self,
+        org: &str,
+        meter: &str,
+        quantity: i64,
+        key: &str,
+    ) -> Result<pb::ConsumeResponse, tonic::Status> {
+        self.consume_model(org, meter, quantity, None, key).await
+    }
+
+    async fn consume_model(
+        &mut self,
+        org: &str,
+        meter: &str,
+        quantity: i64,
+        model: Option<&str>,
+        key: &str,
+    ) -> Result<pb::ConsumeResponse, tonic::Status> {
+        let request = pb::ConsumeRequest {
+            org_id: org.into(),
+            meter: meter.into(),
+            quantity,
+            model: model.map(str::to_owned),
+            idempotency_key: key.into(),
+            description: None,
+        };
+        self.usage
+            .consume(authed(&self.service, request))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn balance(&mut self, t: &TestServer, org: &str) -> pb::GetBalanceResponse {
+        self.credits
+            .get_balance(authed(&t.token(Role::User, org), pb::GetBalanceRequest {}))
+            .await
+            .expect("balance")
+            .into_inner()
+    }
+}
+
+#[tokio::test]
+async fn consume_charges_rates_exactly_and_replays_idempotently() -> R {
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let mut c = Clients::new(&t).await;
+        c.grant("acme", 10 * CREDIT, None, Utc::now()).await;
+
+        // Default ai_tokens rate: 2 credits per 1M tokens.
+        let first = c.consume("acme", "ai_tokens", 1_500_000, "req-1").await?;
+        assert_eq!(
+            (first.charged_micros, first.balance_micros, first.duplicate),
+            (3 * CREDIT, 7 * CREDIT, false)
+        );
+        let replay = c.consume("acme", "ai_tokens", 1_500_000, "req-1").await?;
+        assert_eq!(replay.transaction_id, first.transaction_id);
+        assert_eq!(
+            (
+                replay.charged_micros,
+                replay.balance_micros,
+                replay.duplicate
+            ),
+            (3 * CREDIT, 7 * CREDIT, true)
+        );
+        let err = c
+            .consume("acme", "ai_tokens", 2_000_000, "req-1")
+            .await
+            .expect_err("key reuse");
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED")
+        );
+        // The same key under another method or org is another key.
+        c.grant("other", CREDIT, None, Utc::now()).await;
+        assert!(!c.consume("other", "ai_tokens", 1, "req-1").await?.duplicate);
+
+        // Per-model rate (gpt-4o: 10 per 1M), unknown models fall back.
+        let r = c
+            .consume_model("acme", "ai_tokens", 100_000, Some("gpt-4o"), "req-2")
+            .await?;
+        assert_eq!(r.charged_micros, CREDIT);
+        let r = c
+            .consume_model("acme", "ai_tokens", 100_000, Some("no-such-model"), "req-3")
+            .await?;
+        assert_eq!(r.charged_micros, 200_000);
+        // Egress: 1 credit per GB, rounded up to the micro.
+        let r = c.consume("acme", "storage_egress", 1, "req-4").await?;
+        assert_eq!(r.charged_micros, 1);
+        let r = c
+            .consume("acme", "storage_egress", 1_500_000_000, "req-5")
+            .await?;
+        assert_eq!(r.charged_micros, 1_500_000);
+
+        // Refusals write nothing.
+        let before = invariants::rows_by_org(&t.server.state.db).await["acme"].len();
+        let err = c
+            .consume("acme", "ai_tokens", 1_000_000_000, "req-6")
+            .await
+            .expect_err("too much");
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::FailedPrecondition, "INSUFFICIENT_CREDITS")
+        );
+        for (meter, quantity, field) in [
+            ("bandwidth", 5, "meter"),
+            ("ai_tokens", 0, "quantity"),
+            ("ai_tokens", -5, "quantity"),
+        ] {
+            let err = c
+                .consume("acme", meter, quantity, "req-7")
+                .await
+                .expect_err("bad input");
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().starts_with(field), "{}", err.message());
+        }
+        let err = c
+            .consume("acme", "ai_tokens", 5, "")
+            .await
+            .expect_err("no key");
+        assert!(err.message().starts_with("idempotency_key"));
+        assert_eq!(
+            invariants::rows_by_org(&t.server.state.db).await["acme"].len(),
+            before
+        );
+        // After a refusal the same key works once credits are there.
+        c.grant("acme", 2000 * CREDIT, None, Utc::now()).await;
+        assert!(
+            !c.consume("acme", "ai_tokens", 1_000_000_000, "req-6")
+                .await?
+                .duplicate
+        );
+
+        invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn holds_reserve_commit_release() -> R {
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let mut c = Clients::new(&t).await;
+        c.grant("acme", 10 * CREDIT, None, Utc::now()).await;
+        let reserve = |amount: Option<i64>, key: &str| pb::ReserveRequest {
+            org_id: "acme".into(),
+            amount_micros: amount,
+            idempotency_key: key.into(),
+            ..Default::default()
+        };
+
+        let hold = c
+            .usage
+            .reserve(authed(&c.service, reserve(Some(6 * CREDIT), "h1")))
+            .await?
+            .into_inner();
+        assert_eq!(hold.held_micros, 6 * CREDIT);
+        let again = c
+            .usage
+            .reserve(authed(&c.service, reserve(Some(6 * CREDIT), "h1")))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (again.reservation_id.as_str(), again.duplicate),
+            (hold.reservation_id.as_str(), true)
+        );
+        let b = c.balance(&t, "acme").await;
+        assert_eq!(
+            (b.stored_micros, b.realtime_micros, b.balance_micros),
+            (10 * CREDIT, 6 * CREDIT, 4 * CREDIT)
+        );
+        // Held credits are not spendable by others.
+        let err = c
+            .consume("acme", "ai_tokens", 2_500_000, "c1")
+            .await
+            .expect_err("held");
+        assert_eq!(reason(&err), "INSUFFICIENT_CREDITS");
+        let err = c
+            .usage
+            .reserve(authed(&c.service, reserve(Some(5 * CREDIT), "h2")))
+            .await
+            .expect_err("held");
+        assert_eq!(reason(&err), "INSUFFICIENT_CREDITS");
+
+        // Actual cost 4 credits (2M tokens): 2 credits of the hold come back.
+        let commit = pb::CommitRequest {
+            reservation_id: hold.reservation_id.clone(),
+            meter: "ai_tokens".into(),
+            quantity: 2_000_000,
+            ..Default::default()
+        };
+        let done = c
+            .usage
+            .commit(authed(&c.service, commit.clone()))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (
+                done.charged_micros,
+                done.shortfall_micros,
+                done.released_micros,
+                done.balance_micros
+            ),
+            (4 * CREDIT, 0, 2 * CREDIT, 6 * CREDIT)
+        );
+        let err = c
+            .usage
+            .commit(authed(&c.service, commit))
+            .await
+            .expect_err("finished");
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::FailedPrecondition, "RESERVATION_FINISHED")
+        );
+        let release = pb::ReleaseRequest {
+            reservation_id: hold.reservation_id.clone(),
+        };
+        let err = c
+            .usage
+            .release(authed(&c.service, release))
+            .await
+            .expect_err("finished");
+        assert_eq!(err.code(), Code::FailedPrecondition);
+
+        // A hold by usage, released whole.
+        let by_usage = pb::ReserveRequest {
+            org_id: "acme".into(),
+            meter: Some("ai_tokens".into()),
+            quantity: Some(1_000_000),
+            idempotency_key: "h3".into(),
+            ..Default::default()
+        };
+        let hold = c
+            .usage
+            .reserve(authed(&c.service, by_usage))
+            .await?
+            .into_inner();
+        assert_eq!(hold.held_micros, 2 * CREDIT);
+        let released = c
+            .usage
+            .release(authed(
+                &c.service,
+                pb::ReleaseRequest {
+                    reservation_id: hold.reservation_id,
+                },
+            ))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (released.released_micros, released.balance_micros),
+            (2 * CREDIT, 6 * CREDIT)
+        );
+
+        // Commit beyond hold and balance: charges what there is, reports the rest.
+        let hold = c
+            .usage
+            .reserve(authed(&c.service, reserve(Some(CREDIT), "h4")))
+            .await?
+            .into_inner();
+        let commit = pb::CommitRequest {
+            reservation_id: hold.reservation_id,
+            meter: "ai_tokens".into(),
+            quantity: 5_000_000,
+            ..Default::default()
+        };
+        let done = c
+            .usage
+            .commit(authed(&c.service, commit))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (
+                done.charged_micros,
+                done.shortfall_micros,
+                done.balance_micros
+            ),
+            (6 * CREDIT, 4 * CREDIT, 0)
+        );
+
+        for (request, field) in [
+            (
+                pb::ReserveRequest {
+                    org_id: "acme".into(),
+                    amount_micros: Some(1),
+                    ttl_seconds: Some(3601),
+                    idempotency_key: "x".into(),
+                    ..Default::default()
+                },
+                "ttl_seconds",
+            ),
+            (
+                pb::ReserveRequest {
+                    org_id: "acme".into(),
+                    idempotency_key: "x".into(),
+                    ..Default::default()
+                },
+                "amount_micros",
+            ),
+            (
+                pb::ReserveRequest {
+                    org_id: "acme".into(),
+                    amount_micros: Some(-3),
+                    idempotency_key: "x".into(),
+                    ..Default::default()
+                },
+                "amount_micros",
+            ),
+        ] {
+            let err = c
+                .usage
+                .reserve(authed(&c.service, request))
+                .await
+                .expect_err("bad input");
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().starts_with(field), "{}", err.message());
+        }
+        let err = c
+            .usage
+            .commit(authed(
+                &c.service,
+                pb::CommitRequest {
+                    reservation_id: "nope".into(),
+                    meter: "ai_tokens".into(),
+                    quantity: 1,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect_err("unknown hold");
+        assert_eq!(err.code(), Code::NotFound);
+
+        let allowance = c
+            .usage
+            .check_allowance(authed(
+                &c.service,
+                pb::CheckAllowanceRequest {
+                    org_id: "acme".into(),
+                },
+            ))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (allowance.allow_usage, allowance.available_micros),
+            (false, 0)
+        );
+        invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn expiry_on_an_injected_clock() -> R {
+    for backend in backends() {
+        let clock = ManualClock::new(Utc::now());
+        let t = TestServer::start_with(backend, &[], Arc::new(clock.clone())).await;
+        let mut c = Clients::new(&t).await;
+        let now = clock.now();
+        c.grant("acme", 5 * CREDIT, Some(TimeDelta::hours(1)), now)
+            .await;
+        c.grant("acme", 3 * CREDIT, Some(TimeDelta::hours(3)), now)
+            .await;
+        c.grant("acme", 2 * CREDIT, None, now).await;
+
+        // Earliest expiry is spent first.
+        c.consume("acme", "ai_tokens", 2_000_000, "a").await?; // 4 credits
+        let info = c
+            .credits
+            .get_credit_info(authed(
+                &t.token(Role::User, "acme"),
+                pb::GetCreditInfoRequest {},
+            ))
+            .await?
+            .into_inner();
+        let remaining: Vec<i64> = info.breakdown.iter().map(|l| l.remaining_micros).collect();
+        assert_eq!(remaining, [CREDIT, 3 * CREDIT, 2 * CREDIT]);
+
+        let hold = c
+            .usage
+            .reserve(authed(
+                &c.service,
+                pb::ReserveRequest {
+                    org_id: "acme".into(),
+                    amount_micros: Some(CREDIT),
+                    ttl_seconds: Some(60),
+                    idempotency_key: "h".into(),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner();
+
+        // Two hours on: the first lot has expired, the hold too, before any sweep.
+        clock.advance(TimeDelta::hours(2));
+        let b = c.balance(&t, "acme").await;
+        assert_eq!(
+            (b.stored_micros, b.realtime_micros, b.balance_micros),
+            (5 * CREDIT, 0, 5 * CREDIT)
+        );
+        let err = c
+            .usage
+            .commit(authed(
+                &c.service,
+                pb::CommitRequest {
+                    reservation_id: hold.reservation_id,
+                    meter: "ai_tokens".into(),
+                    quantity: 1,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect_err("expired hold");
+        assert_eq!(reason(&err), "RESERVATION_FINISHED");
+        assert!(err.message().contains("expired"), "{}", err.message());
+        let err = c
+            .consume("acme", "ai_tokens", 2_500_001, "b")
+            .await
+            .expect_err("only 5 live");
+        assert_eq!(reason(&err), "INSUFFICIENT_CREDITS");
+
+        // The write above swept the organization: an `expiry` row exists.
+        let rows = invariants::rows_by_org(&t.server.state.db).await;
+        let expiry: Vec<_> = rows["acme"].iter().filter(|r| r.kind == "expiry").collect();
+        assert_eq!(expiry.len(), 1);
+        assert_eq!(expiry[0].amount_micros, -CREDIT);
+        invariants::check(&t.server.state.db, clock.now()).await;
+
+        // A quiet organization is swept by the background sweep.
+        c.grant(
+            "quiet",
+            2 * CREDIT,
+            Some(TimeDelta::minutes(5)),
+            clock.now(),
+        )
+        .await;
+        clock.advance(TimeDelta::minutes(10));
+        let swept = billing::ledger::sweeper::sweep_all(&t.server.state.ledger).await?;
+        assert!(swept >= 1);
+        invariants::check(&t.server.state.db, clock.now()).await;
+        let b = c.balance(&t, "quiet").await;
+        assert_eq!(b.stored_micros, 0);
+        t.stop().await;
+    }
+    Ok(())
+}
+
+async fn json_of(response: reqwest::Response) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+#[tokio::test]
+async fn credits_routes_over_rest() -> R {
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let mut c = Clients::new(&t).await;
+        let user = t.token(Role::User, "acme");
+        let admin = t.token(Role::Admin, "ops");
+        let http = &t.http;
+
+        // Manual grant and debit over REST, exact decimals.
+        let (status, body) = json_of(
+            http.post(t.rest("/admin/credits/manual"))
+                .bearer_auth(&admin)
+                .json(&json!({"org_id": "acme", "amount": 12.5, "reason": "welcome"}))
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["balance"], json!(12.5));
+        let (status, body) = json_of(
+            http.post(t.rest("/admin/credits/manual"))
+                .bearer_auth(&admin)
+                .json(&json!({"org_id": "acme", "amount": -20, "reason": "too much"}))
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (409, Some("INSUFFICIENT_CREDITS"))
+        );
+        for (body, field) in [
+            (
+                json!({"org_id": "acme", "amount": "5", "reason": "r"}),
+                "amount",
+            ),
+            (
+                json!({"org_id": "acme", "amount": 0.0000001, "reason": "r"}),
+                "amount",
+            ),
+            (
+                json!({"org_id": "acme", "amount": 0, "reason": "r"}),
+                "amount",
+            ),
+            (
+                json!({"org_id": "acme", "amount": 1, "reason": ""}),
+                "reason",
+            ),
+            (
+                json!({"org_id": "acme", "amount": 1, "reason": "r", "expires_at": "tomorrow"}),
+                "expires_at",
+            ),
+        ] {
+            let (status, answer) = json_of(
+                http.post(t.rest("/admin/credits/manual"))
+                    .bearer_auth(&admin)
+                    .json(&body)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            assert_eq!(
+                (status, answer["error_code"].as_str()),
+                (400, Some("INVALID_ARGUMENT")),
+                "{body}"
+            );
+            assert!(
+                answer["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with(field),
+                "{answer}"
+            );
+        }
+        // 401 before 400: a malformed body without a token is unauthorized.
+        let response = http
+            .post(t.rest("/admin/credits/manual"))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await?;
+        assert_eq!(response.status(), 401);
+        let (status, _) = json_of(
+            http.post(t.rest("/admin/credits/manual"))
+                .bearer_auth(&user)
+                .json(&json!({"org_id": "acme", "amount": "x"}))
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, 403);
+
+        c.consume("acme", "ai_tokens", 1_000_000, "u1").await?; // 2 credits
+        c.consume("acme", "storage_egress", 500_000_000, "u2")
+            .await?; // 0.5 credits
+
+        let (status, body) = json_of(
+            http.get(t.rest("/credits/balance"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, 200);
+        let data = &body["data"];
+        assert_eq!(data["balance"], json!(10));
+        assert_eq!(data["stored"], json!(10));
+        assert_eq!(data["realtime"], json!(0));
+        assert_eq!(
+            data["consumption"],
+            json!({"storage_egress": 0.5, "ai_tokens": 2, "total": 2.5})
+        );
+        assert!(
+            data["period_start"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("-01T00:00:00.000Z"))
+        );
+
+        let (_, body) = json_of(
+            http.get(t.rest("/credits/transactions?limit=2"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        let rows = body["data"].as_array().ok_or("rows")?;
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["type"], "storage_egress");
+        assert_eq!(rows[0]["amount"], json!(-0.5));
+        assert_eq!(rows[0]["balance_after"], json!(10));
+        assert_eq!(rows[1]["type"], "ai_usage");
+        assert_eq!(
+            body["pagination"],
+            json!({"limit": 2, "offset": 0, "total": 3, "has_more": true})
+        );
+        let (_, body) = json_of(
+            http.get(t.rest("/credits/transactions?type=manual&offset=0"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(body["data"].as_array().map(Vec::len), Some(1));
+        for query in [
+            "limit=0",
+            "limit=101",
+            "limit=abc",
+            "offset=-1",
+            "type=bogus",
+        ] {
+            let (status, body) = json_of(
+                http.get(t.rest(&format!("/credits/transactions?{query}")))
+                    .bearer_auth(&user)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            assert_eq!(
+                (status, body["error_code"].as_str()),
+                (400, Some("INVALID_ARGUMENT")),
+                "{query}"
+            );
+        }
+
+        let (_, body) = json_of(
+            http.get(t.rest("/credits/stats/monthly"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        let months = body["data"].as_array().ok_or("months")?;
+        assert_eq!(months.len(), 12);
+        let current = &months[11];
+        assert_eq!(current["consumption"], json!(2.5));
+        assert_eq!(current["grants"], json!(12.5));
+        assert_eq!(current["balance"], json!(10));
+        assert_eq!(months[0]["balance"], json!(0));
+        assert_eq!(body["totals"]["balance"], json!(10));
+        for months in ["0", "25", "x"] {
+            let (status, _) = json_of(
+                http.get(t.rest(&format!("/credits/stats/monthly?months={months}")))
+                    .bearer_auth(&user)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            assert_eq!(status, 400, "months={months}");
+        }
+
+        let (status, info) = json_of(
+            http.get(t.rest("/user/credits/info"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, 200);
+        assert_eq!(info["credits"], 10);
+        assert_eq!(info["allow_usage"], true);
+        assert_eq!(info["active_subscription"]["id"], "SUB_BASE");
+        assert_eq!(info["breakdown"][0]["purchase_kind"], "Manual");
+        assert_eq!(info["breakdown"][0]["remaining_units"], 10);
+        assert_eq!(info["breakdown"][0]["expiry_date"], Value::Null);
+        let (status, info) = json_of(http.get(t.rest("/user/credits/info")).send().await?).await?;
+        assert_eq!((status, info), (402, json!({"error": "INVALID_API_KEY"})));
+
+        let (_, body) = json_of(
+            http.get(t.rest("/admin/credits/transactions?org_id=acme&type=ai_usage"))
+                .bearer_auth(&admin)
+                .send()
+                .await?,
+        )
+        .await?;
+        let rows = body["data"].as_array().ok_or("rows")?;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["org_id"], "acme");
+
+        // A fresh organization reads as zero without being written.
+        let (_, body) = json_of(
+            http.get(t.rest("/credits/balance"))
+                .bearer_auth(t.token(Role::User, "new-org"))
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(body["data"]["balance"], json!(0));
+        let (_, info) = json_of(
+            http.get(t.rest("/user/credits/info"))
+                .bearer_auth(t.token(Role::User, "new-org"))
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(info["allow_usage"], false);
+
+        invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn credits_not_enabled_outside_the_credits_system() -> R {
+    let t = TestServer::start_with(
+        Backend::Sqlite,
+        &[("SUBSCRIPTION_SYSTEM", "seats")],
+        Arc::new(billing::clock::SystemClock),
+    )
+    .await;
+    let user = t.token(Role::User, "acme");
+    for path in [
+        "/credits/balance",
+        "/credits/transactions",
+        "/credits/stats/monthly",
+    ] {
+        let (status, body) =
+            json_of(t.http.get(t.rest(path)).bearer_auth(&user).send().await?).await?;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (400, Some("CREDITS_NOT_ENABLED")),
+            "{path}"
+        );
+    }
+    // Public catalog reads still answer.
+    assert_eq!(
+        t.http.get(t.rest("/credits/packs")).send().await?.status(),
+        200
+    );
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn manual_adjustments_are_idempotent_and_audited() -> R {
+    use billing::entities::admin_audit;
+    use sea_orm::EntityTrait;
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let mut c = Clients::new(&t).await;
+        let request = pb::ManualAdjustRequest {
+            org_id: "acme".into(),
+            amount_micros: 7 * CREDIT,
+            reason: "support ticket 42".into(),
+            expires_at: None,
+            idempotency_key: Some("ticket-42".into()),
+        };
+        let first = c
+            .admin
+            .manual_adjust(authed(&c.admin_token, request.clone()))
+            .await?
+            .into_inner();
+        let again = c
+            .admin
+            .manual_adjust(authed(&c.admin_token, request.clone()))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (
+                again.transaction_id.as_str(),
+                again.duplicate,
+                again.balance_micros
+            ),
+            (first.transaction_id.as_str(), true, 7 * CREDIT)
+        );
+        let mut changed = request;
+        changed.amount_micros = 8 * CREDIT;
+        let err = c
+            .admin
+            .manual_adjust(authed(&c.admin_token, changed))
+            .await
+            .expect_err("reused");
+        assert_eq!(reason(&err), "IDEMPOTENCY_KEY_REUSED");
+        let debit = pb::ManualAdjustRequest {
+            org_id: "acme".into(),
+            amount_micros: -2 * CREDIT,
+            reason: "correction".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.admin
+                .manual_adjust(authed(&c.admin_token, debit))
+                .await?
+                .into_inner()
+                .balance_micros,
+            5 * CREDIT
+        );
+
+        let audits = admin_audit::Entity::find().all(&t.server.state.db).await?;
+        assert_eq!(
+            audits.len(),
+            2,
+            "one audit row per write, none for the replay"
+        );
+        assert!(
+            audits
+                .iter()
+                .all(|a| a.actor_sub == "admin-1" && a.target_org.as_deref() == Some("acme"))
+        );
+        assert!(audits.iter().any(|a| a.reason == "support ticket 42"));
+        invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
