@@ -243,7 +243,7 @@ async fn run(backend: Backend, replicas: usize) {
         .map(|o| (o.external_id.clone(), o))
         .collect();
     let rows = invariants::rows_by_org(conn).await;
-    let tally = tally.lock().expect("tally");
+    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
     for org in ORGS {
         let t = tally.get(org).expect("every org was used");
         let o = &orgs[org];
