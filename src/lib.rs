@@ -6,6 +6,7 @@
 //! it is given, so tests run the whole service on `127.0.0.1:0`.
 
 pub mod auth;
+pub mod bench;
 pub mod catalog;
 pub mod clock;
 pub mod config;

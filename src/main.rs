@@ -52,6 +52,8 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: i64,
     },
+    /// Measure throughput and latency over real gRPC (see README).
+    Bench(billing::bench::BenchArgs),
     /// Run only the REST gateway against a remote gRPC server.
     Gateway {
         /// The gRPC server, e.g. http://billing-grpc:50051
@@ -133,6 +135,11 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 .context("migrations failed")?;
             println!("migrations applied");
             Ok(())
+        }
+        Command::Bench(args) => {
+            config.log_filter = "warn".into();
+            billing::telemetry::init(&config);
+            billing::bench::run(args).await
         }
         Command::Token {
             org,

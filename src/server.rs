@@ -73,6 +73,9 @@ pub struct RunningServer {
     pub ephemeral_secret: bool,
     pub state: AppState,
     shutdown: CancellationToken,
+    /// Stops the ledger workers and the sweeper once the servers have
+    /// drained, so calls in flight at shutdown still get their answers.
+    background: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -93,6 +96,7 @@ impl RunningServer {
                 first_error.get_or_insert(e);
             }
         }
+        self.background.cancel();
         first_error.map_or(Ok(()), Err)
     }
 
@@ -182,8 +186,9 @@ pub async fn start(
     };
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
-    let ledger = Ledger::start(db.clone(), options.clock.clone(), shutdown.clone()).await?;
-    crate::ledger::sweeper::spawn(ledger.clone(), shutdown.clone());
+    let background = CancellationToken::new();
+    let ledger = Ledger::start(db.clone(), options.clock.clone(), background.clone()).await?;
+    crate::ledger::sweeper::spawn(ledger.clone(), background.clone());
     let state = AppState {
         db,
         config: config.clone(),
@@ -279,6 +284,7 @@ pub async fn start(
         ephemeral_secret,
         state,
         shutdown,
+        background,
         tasks: vec![grpc_task, http_task, health_task],
     })
 }

@@ -79,6 +79,17 @@ enum Outcome {
     Swept,
 }
 
+/// The inner value of an [`Outcome`] of the expected variant (an
+/// operation always answers with its own variant).
+macro_rules! expect {
+    ($outcome:expr, $variant:path) => {
+        match $outcome {
+            $variant(o) => Ok(o),
+            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
+        }
+    };
+}
+
 struct Job {
     op: Op,
     reply: oneshot::Sender<Result<Outcome>>,
@@ -240,45 +251,33 @@ impl Ledger {
     }
 
     pub async fn consume(&self, input: ConsumeInput) -> Result<ConsumeOutcome> {
-        match self.submit(Op::Consume(input)).await? {
-            Outcome::Consume(o) => Ok(o),
-            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
-        }
+        let outcome = self.submit(Op::Consume(input)).await?;
+        expect!(outcome, Outcome::Consume)
     }
 
     pub async fn reserve(&self, input: ReserveInput) -> Result<ReserveOutcome> {
-        match self.submit(Op::Reserve(input)).await? {
-            Outcome::Reserve(o) => Ok(o),
-            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
-        }
+        let outcome = self.submit(Op::Reserve(input)).await?;
+        expect!(outcome, Outcome::Reserve)
     }
 
     pub async fn commit(&self, input: CommitInput) -> Result<CommitOutcome> {
-        match self.submit(Op::Commit(input)).await? {
-            Outcome::Commit(o) => Ok(o),
-            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
-        }
+        let outcome = self.submit(Op::Commit(input)).await?;
+        expect!(outcome, Outcome::Commit)
     }
 
     pub async fn release(&self, input: ReleaseInput) -> Result<ReleaseOutcome> {
-        match self.submit(Op::Release(input)).await? {
-            Outcome::Release(o) => Ok(o),
-            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
-        }
+        let outcome = self.submit(Op::Release(input)).await?;
+        expect!(outcome, Outcome::Release)
     }
 
     pub async fn adjust(&self, input: AdjustInput) -> Result<AdjustOutcome> {
-        match self.submit(Op::Adjust(input)).await? {
-            Outcome::Adjust(o) => Ok(o),
-            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
-        }
+        let outcome = self.submit(Op::Adjust(input)).await?;
+        expect!(outcome, Outcome::Adjust)
     }
 
     pub async fn grant(&self, input: GrantInput) -> Result<GrantOutcome> {
-        match self.submit(Op::Grant(input)).await? {
-            Outcome::Grant(o) => Ok(o),
-            other => Err(Error::internal(format!("unexpected outcome {other:?}"))),
-        }
+        let outcome = self.submit(Op::Grant(input)).await?;
+        expect!(outcome, Outcome::Grant)
     }
 
     /// Books the expiries of organization `org_id` now.
