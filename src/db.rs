@@ -36,6 +36,33 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     Database::connect(opts).await
 }
 
+/// A small pool for the ledger's writer thread: no ping before each
+/// acquire (one round trip saved per transaction; a dead connection fails
+/// the batch, which is retried).
+pub async fn connect_writer(url: &str, connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.sqlx_logging(false)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10))
+        .max_connections(connections)
+        .min_connections(1)
+        .test_before_acquire(false);
+    if url.starts_with("sqlite:") {
+        opts.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(true)
+        });
+    } else {
+        // The writer's statements are cached and re-executed with new
+        // values; a generic plan cannot see how selective those values are
+        // and may scan a growing table. Plan each execution for its values.
+        opts.map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]));
+    }
+    Database::connect(opts).await
+}
+
 /// Applies pending migrations.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     match db.get_database_backend() {

@@ -187,7 +187,13 @@ pub async fn start(
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let background = CancellationToken::new();
-    let ledger = Ledger::start(db.clone(), options.clock.clone(), background.clone()).await?;
+    let ledger = Ledger::start(
+        db.clone(),
+        &config.database_url,
+        options.clock.clone(),
+        background.clone(),
+    )
+    .await?;
     crate::ledger::sweeper::spawn(ledger.clone(), background.clone());
     let state = AppState {
         db,

@@ -207,7 +207,7 @@ async fn run_case(backend: Backend, steps: Vec<Step>) {
     let conn = billing::db::prepare(&db.url).await.expect("database");
     let clock = ManualClock::new(DateTime::from_timestamp(1_800_000_000, 0).expect("time"));
     let stop = CancellationToken::new();
-    let ledger = Ledger::start(conn.clone(), Arc::new(clock.clone()), stop.clone())
+    let ledger = Ledger::start(conn.clone(), &db.url, Arc::new(clock.clone()), stop.clone())
         .await
         .expect("ledger");
     let mut model = Model::default();

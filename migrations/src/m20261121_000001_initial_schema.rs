@@ -667,15 +667,6 @@ fn indexes() -> Vec<IndexCreateStatement> {
             false,
         ),
         index(
-            "ix_ledger_org_created",
-            LedgerTransactions::Table,
-            &[
-                LedgerTransactions::OrgId.into_iden(),
-                LedgerTransactions::CreatedAt.into_iden(),
-            ],
-            false,
-        ),
-        index(
             "ix_lot_allocations_transaction",
             LotAllocations::Table,
             &[LotAllocations::TransactionId.into_iden()],

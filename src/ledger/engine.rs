@@ -117,7 +117,6 @@ struct Inner {
     clock: SharedClock,
     rates: RwLock<Arc<Rates>>,
     orgs: RwLock<HashMap<String, i64>>,
-    queue: Mutex<mpsc::Receiver<Job>>,
     /// SQLite has one writer: every write transaction of this process holds
     /// this lock, so none ever meets "database is locked".
     write_lock: Option<Mutex<()>>,
@@ -127,7 +126,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Ledger {
     inner: Arc<Inner>,
-    sender: mpsc::Sender<Job>,
+    /// One queue per worker; an organization's operations go to one queue.
+    senders: Arc<Vec<mpsc::Sender<Job>>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -170,36 +170,81 @@ fn is_transient(err: &DbErr) -> bool {
 }
 
 impl Ledger {
-    /// Starts the batch workers on `db`. They stop when `shutdown` is
+    /// Starts the batch workers: reads go through `db`, writes through a
+    /// pool of their own on `database_url`. They stop when `shutdown` is
     /// cancelled, after finishing the batch in hand.
     pub async fn start(
         db: DatabaseConnection,
+        database_url: &str,
         clock: SharedClock,
         shutdown: CancellationToken,
     ) -> Result<Self> {
+        let database_url = database_url.to_owned();
         let rates = Rates::load(&db).await?;
         let sqlite = db.get_database_backend() == DbBackend::Sqlite;
-        let (sender, receiver) = mpsc::channel(4096);
+        // SQLite writes one transaction at a time. On PostgreSQL each worker
+        // owns a share of the organizations (by hash), so concurrent batches
+        // touch disjoint rows and never wait on each other's locks.
+        let workers = if sqlite { 1 } else { 4 };
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| mpsc::channel(4096)).unzip();
         let ledger = Self {
             inner: Arc::new(Inner {
                 db,
                 clock,
                 rates: RwLock::new(Arc::new(rates)),
                 orgs: RwLock::new(HashMap::new()),
-                queue: Mutex::new(receiver),
                 write_lock: sqlite.then(|| Mutex::new(())),
             }),
-            sender,
+            senders: Arc::new(senders),
         };
-        // SQLite writes one transaction at a time; PostgreSQL overlaps two
-        // batches (different organizations proceed, the same one queues on
-        // its row lock).
-        let workers = if sqlite { 1 } else { 2 };
-        for _ in 0..workers {
-            let worker = ledger.clone();
-            let stop = shutdown.clone();
-            tokio::spawn(async move { worker.work(stop).await });
-        }
+        // The workers run on a thread of their own, with their own runtime
+        // and connections, so their database round trips never wait behind
+        // request handling on the server's runtime.
+        let (ready, started) = oneshot::channel();
+        let (worker_ledger, worker_stop) = (ledger.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(Error::internal(format!("ledger runtime: {e}"))));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let db =
+                        match crate::db::connect_writer(&database_url, workers as u32 + 1).await {
+                            Ok(db) => db,
+                            Err(e) => {
+                                let _ = ready.send(Err(e.into()));
+                                return;
+                            }
+                        };
+                    let _ = ready.send(Ok(()));
+                    let mut tasks = Vec::new();
+                    for queue in receivers {
+                        let worker = Worker {
+                            ledger: worker_ledger.clone(),
+                            db: db.clone(),
+                            queue,
+                        };
+                        tasks.push(tokio::spawn(worker.work(worker_stop.clone())));
+                    }
+                    for task in tasks {
+                        let _ = task.await;
+                    }
+                    let _ = db.close().await;
+                });
+            })
+            .map_err(|e| Error::internal(format!("cannot start the ledger thread: {e}")))?;
+        started
+            .await
+            .map_err(|_| Error::internal("the ledger thread died while starting"))??;
         let reloader = ledger.clone();
         tokio::spawn(async move {
             loop {
@@ -240,8 +285,20 @@ impl Ledger {
     }
 
     async fn submit(&self, op: Op) -> Result<Outcome> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        match &op {
+            Op::Consume(i) => i.org.hash(&mut hasher),
+            Op::Reserve(i) => i.org.hash(&mut hasher),
+            Op::Adjust(i) => i.org.hash(&mut hasher),
+            Op::Grant(i) => i.org.hash(&mut hasher),
+            Op::Commit(i) => i.reservation_id.hash(&mut hasher),
+            Op::Release(i) => i.reservation_id.hash(&mut hasher),
+            Op::Sweep(org_id) => org_id.hash(&mut hasher),
+        }
+        let queue = &self.senders[(hasher.finish() % self.senders.len() as u64) as usize];
         let (reply, answer) = oneshot::channel();
-        self.sender
+        queue
             .send(Job { op, reply })
             .await
             .map_err(|_| Error::Unavailable("the ledger is shutting down".into()))?;
@@ -287,6 +344,10 @@ impl Ledger {
 
     /// The row id of organization `external_id`, if it exists.
     pub async fn org_id(&self, external_id: &str) -> Result<Option<i64>> {
+        self.org_id_on(&self.inner.db, external_id).await
+    }
+
+    async fn org_id_on(&self, db: &DatabaseConnection, external_id: &str) -> Result<Option<i64>> {
         if let Some(id) = self
             .inner
             .orgs
@@ -298,14 +359,32 @@ impl Ledger {
         }
         let row = organization::Entity::find()
             .filter(organization::Column::ExternalId.eq(external_id))
-            .one(&self.inner.db)
+            .one(db)
             .await?;
         if let (Some(row), Ok(mut cache)) = (&row, self.inner.orgs.write()) {
             cache.insert(external_id.to_owned(), row.id);
         }
         Ok(row.map(|r| r.id))
     }
+}
 
+/// A batch worker: the [`Ledger`]'s state plus its own connection pool, on
+/// a thread of its own (see [`Ledger::start`]).
+struct Worker {
+    ledger: Ledger,
+    db: DatabaseConnection,
+    queue: mpsc::Receiver<Job>,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Ledger;
+
+    fn deref(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+impl Worker {
     /// Row ids of `external_ids`, creating the organizations that do not
     /// exist yet (an organization is created on first use).
     async fn ensure_orgs(&self, external_ids: &BTreeSet<String>) -> Result<HashMap<String, i64>> {
@@ -349,12 +428,12 @@ impl Ledger {
                     .do_nothing()
                     .to_owned(),
             )
-            .exec_without_returning(&self.inner.db)
+            .exec_without_returning(&self.db)
             .await?;
         }
         let rows = organization::Entity::find()
             .filter(organization::Column::ExternalId.is_in(missing))
-            .all(&self.inner.db)
+            .all(&self.db)
             .await?;
         if let Ok(mut cache) = self.inner.orgs.write() {
             for row in rows {
@@ -365,24 +444,20 @@ impl Ledger {
         Ok(found)
     }
 
-    async fn work(self, shutdown: CancellationToken) {
+    async fn work(mut self, shutdown: CancellationToken) {
         loop {
-            let batch = {
-                let mut queue = self.inner.queue.lock().await;
-                let first = tokio::select! {
-                    () = shutdown.cancelled() => None,
-                    job = queue.recv() => job,
-                };
-                let Some(first) = first else { break };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match queue.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-                batch
+            let first = tokio::select! {
+                () = shutdown.cancelled() => None,
+                job = self.queue.recv() => job,
             };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
             self.run_batch(batch).await;
         }
     }
@@ -602,11 +677,11 @@ impl Ledger {
     /// The organization of reservation `id` (checked against `org`).
     async fn hold_org(&self, id: &str, org: Option<&str>) -> Result<i64> {
         let row = reservation::Entity::find_by_id(id.to_owned())
-            .one(&self.inner.db)
+            .one(&self.db)
             .await?
             .ok_or(Error::ReservationNotFound)?;
         if let Some(ext) = org
-            && self.org_id(ext).await? != Some(row.org_id)
+            && self.org_id_on(&self.db, ext).await? != Some(row.org_id)
         {
             return Err(Error::ReservationNotFound);
         }
@@ -623,7 +698,7 @@ impl Ledger {
                 None => None,
             };
             let now = self.now();
-            let txn = self.inner.db.begin().await?;
+            let txn = self.db.begin().await?;
             let result = match apply_batch(&txn, ops, now).await {
                 Ok(outcomes) => txn.commit().await.map(|()| outcomes),
                 Err(BatchError::Db(e)) => {
@@ -661,6 +736,16 @@ impl From<DbErr> for BatchError {
     }
 }
 
+/// `values` padded to a power-of-two length by repeating the last one, for
+/// `IN (…)` lists: a few distinct statement texts, so prepared statements
+/// are reused instead of being parsed and planned for every batch size.
+fn padded<T: Clone>(mut values: Vec<T>) -> Vec<T> {
+    if let Some(last) = values.last().cloned() {
+        values.resize(values.len().next_power_of_two(), last);
+    }
+    values
+}
+
 fn month_key(t: DateTime<Utc>) -> String {
     format!("{:04}-{:02}", t.year(), t.month())
 }
@@ -686,7 +771,7 @@ async fn apply_batch(
 
     // 1. Lock the organizations, in id order.
     let orgs = organization::Entity::find()
-        .filter(organization::Column::Id.is_in(org_ids.clone()))
+        .filter(organization::Column::Id.is_in(padded(org_ids.clone())))
         .order_by_asc(organization::Column::Id)
         .lock_exclusive()
         .all(txn)
@@ -694,7 +779,7 @@ async fn apply_batch(
 
     // 2. Their live lots, the holds that matter, the idempotency records.
     let lots = credit_lot::Entity::find()
-        .filter(credit_lot::Column::OrgId.is_in(org_ids.clone()))
+        .filter(credit_lot::Column::OrgId.is_in(padded(org_ids.clone())))
         .filter(credit_lot::Column::RemainingMicros.gt(0))
         .filter(credit_lot::Column::Kind.ne(LotKind::Pending.as_str()))
         .all(txn)
@@ -712,11 +797,11 @@ async fn apply_batch(
             Condition::any()
                 .add(
                     Condition::all()
-                        .add(reservation::Column::OrgId.is_in(org_ids.clone()))
+                        .add(reservation::Column::OrgId.is_in(padded(org_ids.clone())))
                         .add(reservation::Column::Status.eq(HoldStatus::Open.as_str()))
                         .add(reservation::Column::ExpiresAt.lte(now)),
                 )
-                .add(reservation::Column::Id.is_in(named_holds)),
+                .add(reservation::Column::Id.is_in(padded(named_holds))),
         )
         .all(txn)
         .await?;
@@ -726,9 +811,16 @@ async fn apply_batch(
         .collect();
     let mut idem_seen: HashMap<(i64, &'static str, String), (String, String)> = HashMap::new();
     if !keys.is_empty() {
+        let methods: BTreeSet<&str> = ops
+            .iter()
+            .filter_map(|p| p.idem.as_ref().map(|k| k.method))
+            .collect();
+        // All three columns of the unique index, so the lookup is an index
+        // probe per key rather than a scan of the organizations' keys.
         let records = idempotency_record::Entity::find()
-            .filter(idempotency_record::Column::OrgId.is_in(org_ids.clone()))
-            .filter(idempotency_record::Column::Key.is_in(keys))
+            .filter(idempotency_record::Column::OrgId.is_in(padded(org_ids.clone())))
+            .filter(idempotency_record::Column::Method.is_in(padded(methods.into_iter().collect())))
+            .filter(idempotency_record::Column::Key.is_in(padded(keys)))
             .all(txn)
             .await?;
         for r in records {
@@ -1273,13 +1365,33 @@ async fn write_books(
             .await?;
     }
 
-    for book in books.values().filter(|b| b.touched) {
+    let touched: Vec<&Book> = books.values().filter(|b| b.touched).collect();
+    if !touched.is_empty() {
+        let case = |value: fn(&Book) -> i64, otherwise: organization::Column| {
+            let mut case = CaseStatement::new();
+            for b in &touched {
+                case = case.case(
+                    Expr::col(organization::Column::Id).eq(b.org_id),
+                    Expr::val(value(b)),
+                );
+            }
+            case.finally(Expr::col(otherwise))
+        };
         organization::Entity::update_many()
-            .col_expr(organization::Column::BalanceMicros, Expr::val(book.balance))
-            .col_expr(organization::Column::HeldMicros, Expr::val(book.held))
-            .col_expr(organization::Column::LedgerSeq, Expr::val(book.seq))
+            .col_expr(
+                organization::Column::BalanceMicros,
+                case(|b| b.balance, organization::Column::BalanceMicros).into(),
+            )
+            .col_expr(
+                organization::Column::HeldMicros,
+                case(|b| b.held, organization::Column::HeldMicros).into(),
+            )
+            .col_expr(
+                organization::Column::LedgerSeq,
+                case(|b| b.seq, organization::Column::LedgerSeq).into(),
+            )
             .col_expr(organization::Column::UpdatedAt, Expr::val(now))
-            .filter(organization::Column::Id.eq(book.org_id))
+            .filter(organization::Column::Id.is_in(touched.iter().map(|b| b.org_id)))
             .exec(txn)
             .await?;
     }
