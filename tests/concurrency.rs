@@ -253,6 +253,14 @@ async fn run(backend: Backend, replicas: usize) {
             "{backend:?} {org}: the balance is not what callers were told"
         );
         assert_eq!(o.held_micros, 0, "every hold was committed or released");
+        let read = billing::ledger::reads::balance(&servers[0].state.ledger, org)
+            .await
+            .expect("read");
+        assert_eq!(
+            (read.stored, read.realtime),
+            (o.balance_micros, 0),
+            "{org}: a read disagrees with the ledger"
+        );
         for (key, (_, firsts)) in t.consume_keys.iter().chain(&t.grant_keys) {
             assert_eq!(
                 *firsts, 1,

@@ -117,9 +117,56 @@ struct Inner {
     clock: SharedClock,
     rates: RwLock<Arc<Rates>>,
     orgs: RwLock<HashMap<String, i64>>,
+    /// Balances read recently, exact because this process is the only
+    /// writer (SQLite only; see [`super::reads::balance`]).
+    pub(crate) balances: Option<std::sync::Mutex<BalanceCache>>,
     /// SQLite has one writer: every write transaction of this process holds
     /// this lock, so none ever meets "database is locked".
     write_lock: Option<Mutex<()>>,
+}
+
+/// Per organization: a version bumped by every write transaction, and the
+/// balance last read at that version with the instant it stops being true
+/// (the next expiry of a lot or hold, or the month's end).
+#[derive(Default)]
+pub(crate) struct BalanceCache {
+    entries: HashMap<i64, (u64, Option<CachedBalance>)>,
+}
+
+/// A balance and the instant it stops being true.
+type CachedBalance = (super::reads::Balance, DateTime<Utc>);
+
+impl BalanceCache {
+    pub(crate) fn version(&self, org: i64) -> u64 {
+        self.entries.get(&org).map_or(0, |e| e.0)
+    }
+
+    pub(crate) fn get(&self, org: i64, now: DateTime<Utc>) -> Option<super::reads::Balance> {
+        match self.entries.get(&org) {
+            Some((_, Some((balance, until)))) if now < *until => Some(balance.clone()),
+            _ => None,
+        }
+    }
+
+    /// Keeps `balance` only if no write happened since `version` was read.
+    pub(crate) fn put(
+        &mut self,
+        org: i64,
+        version: u64,
+        balance: super::reads::Balance,
+        until: DateTime<Utc>,
+    ) {
+        let entry = self.entries.entry(org).or_insert((0, None));
+        if entry.0 == version {
+            entry.1 = Some((balance, until));
+        }
+    }
+
+    fn invalidate(&mut self, org: i64) {
+        let entry = self.entries.entry(org).or_insert((0, None));
+        entry.0 += 1;
+        entry.1 = None;
+    }
 }
 
 /// The ledger's write side and its caches. Cheap to clone.
@@ -185,7 +232,7 @@ impl Ledger {
         // SQLite writes one transaction at a time. On PostgreSQL each worker
         // owns a share of the organizations (by hash), so concurrent batches
         // touch disjoint rows and never wait on each other's locks.
-        let workers = if sqlite { 1 } else { 4 };
+        let workers = if sqlite { 1 } else { 8 };
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| mpsc::channel(4096)).unzip();
         let ledger = Self {
@@ -195,6 +242,7 @@ impl Ledger {
                 rates: RwLock::new(Arc::new(rates)),
                 orgs: RwLock::new(HashMap::new()),
                 write_lock: sqlite.then(|| Mutex::new(())),
+                balances: sqlite.then(|| std::sync::Mutex::new(BalanceCache::default())),
             }),
             senders: Arc::new(senders),
         };
@@ -262,6 +310,10 @@ impl Ledger {
 
     pub fn db(&self) -> &DatabaseConnection {
         &self.inner.db
+    }
+
+    pub(crate) fn balance_cache(&self) -> Option<&std::sync::Mutex<BalanceCache>> {
+        self.inner.balances.as_ref()
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -688,6 +740,16 @@ impl Worker {
         Ok(row.org_id)
     }
 
+    fn forget_balances(&self, ops: &[Prepared]) {
+        if let Some(cache) = self.balance_cache()
+            && let Ok(mut cache) = cache.lock()
+        {
+            for p in ops {
+                cache.invalidate(p.org_id);
+            }
+        }
+    }
+
     /// One transaction over `ops`, retried on transient failures.
     async fn transact(&self, ops: &[Prepared]) -> Result<Vec<Result<Outcome>>> {
         let mut attempt = 0;
@@ -707,9 +769,13 @@ impl Worker {
                 }
                 Err(BatchError::Rule(e)) => {
                     let _ = txn.rollback().await;
+                    self.forget_balances(ops);
                     return Err(e);
                 }
             };
+            // After the transaction, whatever its outcome: a balance read
+            // while it ran is never kept.
+            self.forget_balances(ops);
             match result {
                 Ok(outcomes) => return Ok(outcomes),
                 Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
@@ -792,19 +858,30 @@ async fn apply_batch(
             _ => None,
         })
         .collect();
-    let holds = reservation::Entity::find()
-        .filter(
-            Condition::any()
-                .add(
-                    Condition::all()
-                        .add(reservation::Column::OrgId.is_in(padded(org_ids.clone())))
-                        .add(reservation::Column::Status.eq(HoldStatus::Open.as_str()))
-                        .add(reservation::Column::ExpiresAt.lte(now)),
-                )
-                .add(reservation::Column::Id.is_in(padded(named_holds))),
-        )
-        .all(txn)
-        .await?;
+    // Holds matter only where credits are held (an org with nothing held
+    // has no open hold to expire) or where the batch names one.
+    let holding: Vec<i64> = orgs
+        .iter()
+        .filter(|o| o.held_micros > 0)
+        .map(|o| o.id)
+        .collect();
+    let holds = if holding.is_empty() && named_holds.is_empty() {
+        Vec::new()
+    } else {
+        reservation::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(reservation::Column::OrgId.is_in(padded(holding)))
+                            .add(reservation::Column::Status.eq(HoldStatus::Open.as_str()))
+                            .add(reservation::Column::ExpiresAt.lte(now)),
+                    )
+                    .add(reservation::Column::Id.is_in(padded(named_holds))),
+            )
+            .all(txn)
+            .await?
+    };
     let keys: Vec<String> = ops
         .iter()
         .filter_map(|p| p.idem.as_ref().map(|k| k.key.clone()))

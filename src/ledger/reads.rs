@@ -99,10 +99,19 @@ const BALANCE_SQL: &str = "SELECT o.balance_micros AS balance, o.held_micros AS 
   CAST(COALESCE((SELECT SUM(m.debit_micros - m.credit_micros) FROM ledger_monthly m \
      WHERE m.org_id = o.id AND m.month = ? AND m.type = 'ai_usage'), 0) AS BIGINT) AS ai, \
   CAST(COALESCE((SELECT SUM(m.debit_micros - m.credit_micros) FROM ledger_monthly m \
-     WHERE m.org_id = o.id AND m.month = ? AND m.type = 'storage_egress'), 0) AS BIGINT) AS egress \
+     WHERE m.org_id = o.id AND m.month = ? AND m.type = 'storage_egress'), 0) AS BIGINT) AS egress, \
+  (SELECT MIN(l.expires_at) FROM credit_lots l \
+     WHERE l.org_id = o.id AND l.remaining_micros > 0 AND l.kind <> 'pending' AND l.expires_at > ?) AS next_lot_expiry, \
+  (SELECT MIN(r.expires_at) FROM reservations r \
+     WHERE r.org_id = o.id AND r.status = 'open' AND r.expires_at > ?) AS next_hold_expiry \
   FROM organizations o WHERE o.id = ?";
 
 /// An organization's balance now, in one statement.
+///
+/// On SQLite this process is the only writer, so the answer is kept until
+/// the organization is written to (the ledger bumps its version after every
+/// write transaction) or until its next lot or hold expiry or the month's
+/// end; a value read while a write was under way is never kept.
 pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
     let now = ledger.now();
     let period_start = month_start(now);
@@ -112,6 +121,16 @@ pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
             ..Balance::default()
         });
     };
+    let cache = ledger.balance_cache();
+    let version = match cache.and_then(|c| c.lock().ok()) {
+        Some(c) => {
+            if let Some(hit) = c.get(org_id, now) {
+                return Ok(hit);
+            }
+            c.version(org_id)
+        }
+        None => 0,
+    };
     let db = ledger.db();
     let backend = db.get_database_backend();
     let month = month_key(now);
@@ -120,6 +139,8 @@ pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
         now.into(),
         month.clone().into(),
         month.into(),
+        now.into(),
+        now.into(),
         org_id.into(),
     ];
     let row = db
@@ -131,13 +152,25 @@ pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
         .await?
         .ok_or_else(|| Error::internal(format!("organization {org_id} vanished")))?;
     let get = |col: &str| row.try_get::<i64>("", col);
-    Ok(Balance {
+    let balance = Balance {
         stored: get("balance")? - get("expired")?,
         realtime: get("held")? - get("stale")?,
         ai_tokens: get("ai")?,
         storage_egress: get("egress")?,
         period_start,
-    })
+    };
+    if let Some(mut c) = cache.and_then(|c| c.lock().ok()) {
+        let next_month = months_back(period_start, 0) + chrono::Months::new(1);
+        let until = [
+            row.try_get::<Option<DateTime<Utc>>>("", "next_lot_expiry")?,
+            row.try_get::<Option<DateTime<Utc>>>("", "next_hold_expiry")?,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(next_month, DateTime::min);
+        c.put(org_id, version, balance.clone(), until);
+    }
+    Ok(balance)
 }
 
 /// A ledger row with its organization's external id.
