@@ -1,7 +1,12 @@
 //! Every ledger write, batched: one database transaction per batch.
 //!
-//! Callers hand an operation to [`Ledger`]; worker tasks take whatever has
-//! queued up (up to [`MAX_BATCH`]) and run it as one transaction:
+//! Callers hand an operation to [`Ledger`]; it goes to the queue of one
+//! worker, chosen by a hash of the organization (PostgreSQL has several
+//! workers, so concurrent batches touch disjoint rows; SQLite has one). The
+//! workers run on a thread of their own with their own runtime and
+//! connection pool, so their round trips never wait behind request
+//! handling. A worker takes whatever has queued up (up to [`MAX_BATCH`])
+//! and runs it as one transaction:
 //!
 //! 1. lock the organizations' rows in id order (`SELECT … FOR UPDATE` on
 //!    PostgreSQL; on SQLite this process's single writer lock), so replicas
@@ -14,9 +19,9 @@
 //! 4. write every change with a few multi-row statements and commit.
 //!
 //! Answers are released only after the commit. A transient failure
-//! (serialization, deadlock, busy) retries the whole batch; any other
-//! failure of a multi-operation batch re-runs its operations one by one so
-//! one bad operation cannot fail its neighbours.
+//! (serialization, deadlock, busy, lost connection) retries the whole batch;
+//! any other failure of a multi-operation batch re-runs its operations one
+//! by one so one bad operation cannot fail its neighbours.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
