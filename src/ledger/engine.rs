@@ -807,6 +807,21 @@ impl From<DbErr> for BatchError {
     }
 }
 
+/// A stored lot row as the model sees it; `None` for an unknown kind.
+pub(super) fn stored_lot(row: credit_lot::Model) -> Option<Lot> {
+    Some(Lot {
+        id: LotRef::Stored(row.id),
+        kind: LotKind::parse(&row.kind)?,
+        allocated: row.allocated_micros,
+        remaining: row.remaining_micros,
+        expires_at: row.expires_at,
+        created_at: row.created_at,
+        source_type: row.source_type,
+        source_id: row.source_id,
+        dirty: false,
+    })
+}
+
 /// `values` padded to a power-of-two length by repeating the last one, for
 /// `IN (…)` lists: a few distinct statement texts, so prepared statements
 /// are reused instead of being parsed and planned for every batch size.
@@ -937,23 +952,12 @@ async fn apply_batch(
 
     let mut lots_by_org: HashMap<i64, Vec<Lot>> = HashMap::new();
     for l in lots {
-        let Some(kind) = LotKind::parse(&l.kind) else {
-            return Err(BatchError::Rule(Error::internal(format!(
-                "lot {} has unknown kind {}",
-                l.id, l.kind
-            ))));
-        };
-        lots_by_org.entry(l.org_id).or_default().push(Lot {
-            id: LotRef::Stored(l.id),
-            kind,
-            allocated: l.allocated_micros,
-            remaining: l.remaining_micros,
-            expires_at: l.expires_at,
-            created_at: l.created_at,
-            source_type: l.source_type,
-            source_id: l.source_id,
-            dirty: false,
-        });
+        let org_id = l.org_id;
+        let (id, kind) = (l.id, l.kind.clone());
+        let lot = stored_lot(l).ok_or_else(|| {
+            BatchError::Rule(Error::internal(format!("lot {id} has unknown kind {kind}")))
+        })?;
+        lots_by_org.entry(org_id).or_default().push(lot);
     }
     let mut holds_by_org: HashMap<i64, Vec<Hold>> = HashMap::new();
     for h in holds {

@@ -347,36 +347,23 @@ pub async fn credit_info(ledger: &Ledger, org: &str) -> Result<CreditInfo> {
             )
             .all(db)
             .await?;
-        let mut model_lots: Vec<super::model::Lot> = Vec::new();
-        for r in rows {
-            let Some(kind) = LotKind::parse(&r.kind) else {
-                continue;
-            };
-            model_lots.push(super::model::Lot {
-                id: super::model::LotRef::Stored(r.id),
-                kind,
-                allocated: r.allocated_micros,
-                remaining: r.remaining_micros,
-                expires_at: r.expires_at,
-                created_at: r.created_at,
-                source_type: r.source_type,
-                source_id: r.source_id,
-                dirty: false,
-            });
-        }
+        let mut model_lots: Vec<super::model::Lot> = rows
+            .into_iter()
+            .filter_map(super::engine::stored_lot)
+            .collect();
         model_lots.sort_by(super::model::spend_order);
         lots = model_lots
             .into_iter()
-            .map(|l| LotView {
-                id: match l.id {
-                    super::model::LotRef::Stored(id) => id,
-                    super::model::LotRef::New(n) => n as i64,
-                },
-                kind: l.kind,
-                allocated: l.allocated,
-                remaining: l.remaining,
-                expires_at: l.expires_at,
-                created_at: l.created_at,
+            .filter_map(|l| match l.id {
+                super::model::LotRef::Stored(id) => Some(LotView {
+                    id,
+                    kind: l.kind,
+                    allocated: l.allocated,
+                    remaining: l.remaining,
+                    expires_at: l.expires_at,
+                    created_at: l.created_at,
+                }),
+                super::model::LotRef::New(_) => None,
             })
             .collect();
         let sub = subscription::Entity::find()
