@@ -17,19 +17,30 @@ use sea_orm::{
 /// Arbitrary, fixed key of the advisory lock that serialises migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x6269_6c6c_696e_6701;
 
-/// Opens a pool for `url` with the settings each backend needs.
-pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+/// The settings every pool on `url` needs: for SQLite WAL, a busy timeout
+/// and foreign keys on each connection.
+fn base_options(url: &str) -> ConnectOptions {
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.sqlx_logging(false)
         .acquire_timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(10));
     if url.starts_with("sqlite:") {
-        opts.max_connections(8).map_sqlx_sqlite_opts(|o| {
+        opts.map_sqlx_sqlite_opts(|o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(30))
                 .foreign_keys(true)
         });
+    }
+    opts
+}
+
+/// Opens the service's pool for `url` (reads, and everything but ledger
+/// writes).
+pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let mut opts = base_options(url);
+    if url.starts_with("sqlite:") {
+        opts.max_connections(8);
     } else {
         opts.max_connections(32).min_connections(2);
     }
@@ -40,21 +51,11 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
 /// acquire (one round trip saved per transaction; a dead connection fails
 /// the batch, which is retried).
 pub async fn connect_writer(url: &str, connections: u32) -> Result<DatabaseConnection, DbErr> {
-    let mut opts = ConnectOptions::new(url.to_owned());
-    opts.sqlx_logging(false)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(10))
-        .max_connections(connections)
+    let mut opts = base_options(url);
+    opts.max_connections(connections)
         .min_connections(1)
         .test_before_acquire(false);
-    if url.starts_with("sqlite:") {
-        opts.map_sqlx_sqlite_opts(|o| {
-            o.journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(30))
-                .foreign_keys(true)
-        });
-    } else {
+    if !url.starts_with("sqlite:") {
         // The writer's statements are cached and re-executed with new
         // values; a generic plan cannot see how selective those values are
         // and may scan a growing table. Plan each execution for its values.

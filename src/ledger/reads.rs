@@ -160,7 +160,7 @@ pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
         period_start,
     };
     if let Some(mut c) = cache.and_then(|c| c.lock().ok()) {
-        let next_month = months_back(period_start, 0) + chrono::Months::new(1);
+        let next_month = period_start + chrono::Months::new(1);
         let until = [
             row.try_get::<Option<DateTime<Utc>>>("", "next_lot_expiry")?,
             row.try_get::<Option<DateTime<Utc>>>("", "next_hold_expiry")?,
