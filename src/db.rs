@@ -55,12 +55,6 @@ pub async fn connect_writer(url: &str, connections: u32) -> Result<DatabaseConne
     opts.max_connections(connections)
         .min_connections(1)
         .test_before_acquire(false);
-    if !url.starts_with("sqlite:") {
-        // The writer's statements are cached and re-executed with new
-        // values; a generic plan cannot see how selective those values are
-        // and may scan a growing table. Plan each execution for its values.
-        opts.map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]));
-    }
     Database::connect(opts).await
 }
 

@@ -2,7 +2,7 @@
 
 use sea_orm::entity::prelude::*;
 
-#[derive(Clone, Debug, PartialEq, DeriveEntityModel, Eq)]
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel, Eq, serde::Deserialize)]
 #[sea_orm(table_name = "reservations")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod model;
 mod rates;
 pub mod reads;
+mod store;
 pub mod sweeper;
 
 use chrono::{DateTime, Utc};

@@ -1,0 +1,291 @@
+//! The batch's rows through sea-orm's query builder: one statement per
+//! table. `IN` lists are padded to powers of two so a few statement texts
+//! cover every batch size and stay prepared.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, Condition, DatabaseTransaction, DbErr, EntityTrait, IntoActiveModel, QueryFilter,
+    QueryOrder, QuerySelect,
+    sea_query::{CaseStatement, Expr, ExprTrait, OnConflict},
+};
+
+use super::{IdemRow, Loaded, NewLot, OrgRow, Rows, Wanted};
+use crate::{
+    entities::{
+        admin_audit, credit_lot, idempotency_record, ledger_monthly, ledger_transaction,
+        lot_allocation, organization, reservation,
+    },
+    ledger::model::{HoldStatus, LotKind},
+};
+
+/// `values` padded to a power-of-two length by repeating the last one.
+fn padded<T: Clone>(mut values: Vec<T>) -> Vec<T> {
+    if let Some(last) = values.last().cloned() {
+        values.resize(values.len().next_power_of_two(), last);
+    }
+    values
+}
+
+pub(super) async fn lock_orgs(
+    txn: &DatabaseTransaction,
+    org_ids: &[i64],
+) -> Result<Vec<OrgRow>, DbErr> {
+    let rows = organization::Entity::find()
+        .filter(organization::Column::Id.is_in(padded(org_ids.to_vec())))
+        .order_by_asc(organization::Column::Id)
+        .lock_exclusive()
+        .all(txn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|o| OrgRow {
+            id: o.id,
+            balance_micros: o.balance_micros,
+            held_micros: o.held_micros,
+            ledger_seq: o.ledger_seq,
+        })
+        .collect())
+}
+
+pub(super) async fn load(txn: &DatabaseTransaction, wanted: &Wanted) -> Result<Loaded, DbErr> {
+    let lots = credit_lot::Entity::find()
+        .filter(credit_lot::Column::OrgId.is_in(padded(wanted.org_ids.clone())))
+        .filter(credit_lot::Column::RemainingMicros.gt(0))
+        .filter(credit_lot::Column::Kind.ne(LotKind::Pending.as_str()))
+        .all(txn)
+        .await?;
+    let holds = if wanted.holding.is_empty() && wanted.named_holds.is_empty() {
+        Vec::new()
+    } else {
+        reservation::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(reservation::Column::OrgId.is_in(padded(wanted.holding.clone())))
+                            .add(reservation::Column::Status.eq(HoldStatus::Open.as_str()))
+                            .add(reservation::Column::ExpiresAt.lte(wanted.now)),
+                    )
+                    .add(reservation::Column::Id.is_in(padded(wanted.named_holds.clone()))),
+            )
+            .all(txn)
+            .await?
+    };
+    let mut idempotency = Vec::new();
+    if !wanted.keys.is_empty() {
+        let orgs: BTreeSet<i64> = wanted.keys.iter().map(|k| k.0).collect();
+        let methods: BTreeSet<&str> = wanted.keys.iter().map(|k| k.1).collect();
+        let keys: Vec<String> = wanted.keys.iter().map(|k| k.2.clone()).collect();
+        // All three columns of the unique index, so the lookup is an index
+        // probe per key rather than a scan of the organizations' keys.
+        let records = idempotency_record::Entity::find()
+            .filter(idempotency_record::Column::OrgId.is_in(padded(orgs.into_iter().collect())))
+            .filter(idempotency_record::Column::Method.is_in(padded(methods.into_iter().collect())))
+            .filter(idempotency_record::Column::Key.is_in(padded(keys)))
+            .all(txn)
+            .await?;
+        idempotency = records
+            .into_iter()
+            .map(|r| IdemRow {
+                org_id: r.org_id,
+                method: r.method,
+                key: r.key,
+                request_hash: r.request_hash,
+                response: r.response,
+            })
+            .collect();
+    }
+    let mut sources = BTreeSet::new();
+    if !wanted.sources.is_empty() {
+        let mut any = Condition::any();
+        for (source_type, source_id) in &wanted.sources {
+            any = any.add(
+                Condition::all()
+                    .add(credit_lot::Column::SourceType.eq(source_type.as_str()))
+                    .add(credit_lot::Column::SourceId.eq(source_id.as_str())),
+            );
+        }
+        for lot in credit_lot::Entity::find().filter(any).all(txn).await? {
+            if let Some(id) = lot.source_id {
+                sources.insert((lot.source_type, id));
+            }
+        }
+    }
+    Ok(Loaded {
+        lots,
+        holds,
+        idempotency,
+        sources,
+    })
+}
+
+pub(super) async fn insert_lots(
+    txn: &DatabaseTransaction,
+    lots: Vec<NewLot>,
+) -> Result<Vec<i64>, DbErr> {
+    let mut ids = Vec::with_capacity(lots.len());
+    for lot in lots {
+        let row = credit_lot::ActiveModel {
+            org_id: Set(lot.org_id),
+            kind: Set(lot.kind.into()),
+            allocated_micros: Set(lot.allocated_micros),
+            remaining_micros: Set(lot.remaining_micros),
+            expires_at: Set(lot.expires_at),
+            source_type: Set(lot.source_type),
+            source_id: Set(lot.source_id),
+            created_at: Set(lot.created_at),
+            ..Default::default()
+        }
+        .insert(txn)
+        .await?;
+        ids.push(row.id);
+    }
+    Ok(ids)
+}
+
+pub(super) async fn write(
+    txn: &DatabaseTransaction,
+    rows: Rows,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    if !rows.lot_updates.is_empty() {
+        let mut case = CaseStatement::new();
+        for (id, remaining) in &rows.lot_updates {
+            case = case.case(
+                Expr::col(credit_lot::Column::Id).eq(*id),
+                Expr::val(*remaining),
+            );
+        }
+        let case = case.finally(Expr::col(credit_lot::Column::RemainingMicros));
+        credit_lot::Entity::update_many()
+            .col_expr(credit_lot::Column::RemainingMicros, case.into())
+            .filter(credit_lot::Column::Id.is_in(rows.lot_updates.iter().map(|(id, _)| *id)))
+            .exec(txn)
+            .await?;
+    }
+    if !rows.entries.is_empty() {
+        ledger_transaction::Entity::insert_many(
+            rows.entries
+                .into_iter()
+                .map(IntoActiveModel::into_active_model),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    if !rows.allocations.is_empty() {
+        lot_allocation::Entity::insert_many(rows.allocations.into_iter().map(
+            |(transaction_id, lot_id, amount)| lot_allocation::ActiveModel {
+                transaction_id: Set(transaction_id),
+                lot_id: Set(lot_id),
+                amount_micros: Set(amount),
+                ..Default::default()
+            },
+        ))
+        .exec_without_returning(txn)
+        .await?;
+    }
+    if !rows.monthly.is_empty() {
+        ledger_monthly::Entity::insert_many(rows.monthly.into_iter().map(|m| {
+            ledger_monthly::ActiveModel {
+                org_id: Set(m.org_id),
+                month: Set(m.month),
+                kind: Set(m.kind.into()),
+                credit_micros: Set(m.credit_micros),
+                debit_micros: Set(m.debit_micros),
+            }
+        }))
+        .on_conflict(
+            OnConflict::columns([
+                ledger_monthly::Column::OrgId,
+                ledger_monthly::Column::Month,
+                ledger_monthly::Column::Kind,
+            ])
+            .value(
+                ledger_monthly::Column::CreditMicros,
+                Expr::cust("ledger_monthly.credit_micros + excluded.credit_micros"),
+            )
+            .value(
+                ledger_monthly::Column::DebitMicros,
+                Expr::cust("ledger_monthly.debit_micros + excluded.debit_micros"),
+            )
+            .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    for h in rows.finished_holds {
+        reservation::Entity::update_many()
+            .col_expr(reservation::Column::Status, Expr::val(h.status))
+            .col_expr(reservation::Column::FinishedAt, Expr::val(now))
+            .col_expr(
+                reservation::Column::TransactionId,
+                Expr::val(h.transaction_id),
+            )
+            .filter(reservation::Column::Id.eq(h.id))
+            .exec(txn)
+            .await?;
+    }
+    if !rows.new_holds.is_empty() {
+        reservation::Entity::insert_many(
+            rows.new_holds
+                .into_iter()
+                .map(IntoActiveModel::into_active_model),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    if !rows.idempotency.is_empty() {
+        idempotency_record::Entity::insert_many(rows.idempotency.into_iter().map(|r| {
+            idempotency_record::ActiveModel {
+                org_id: Set(r.org_id),
+                method: Set(r.method),
+                key: Set(r.key),
+                request_hash: Set(r.request_hash),
+                response: Set(r.response),
+                created_at: Set(now),
+                ..Default::default()
+            }
+        }))
+        .exec_without_returning(txn)
+        .await?;
+    }
+    if !rows.audits.is_empty() {
+        admin_audit::Entity::insert_many(rows.audits)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    if !rows.orgs.is_empty() {
+        let case = |value: fn(&OrgRow) -> i64, otherwise: organization::Column| {
+            let mut case = CaseStatement::new();
+            for o in &rows.orgs {
+                case = case.case(
+                    Expr::col(organization::Column::Id).eq(o.id),
+                    Expr::val(value(o)),
+                );
+            }
+            case.finally(Expr::col(otherwise))
+        };
+        organization::Entity::update_many()
+            .col_expr(
+                organization::Column::BalanceMicros,
+                case(|o| o.balance_micros, organization::Column::BalanceMicros).into(),
+            )
+            .col_expr(
+                organization::Column::HeldMicros,
+                case(|o| o.held_micros, organization::Column::HeldMicros).into(),
+            )
+            .col_expr(
+                organization::Column::LedgerSeq,
+                case(|o| o.ledger_seq, organization::Column::LedgerSeq).into(),
+            )
+            .col_expr(organization::Column::UpdatedAt, Expr::val(now))
+            .filter(organization::Column::Id.is_in(rows.orgs.iter().map(|o| o.id)))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
+}
