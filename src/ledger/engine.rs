@@ -843,20 +843,11 @@ async fn apply_batch(
         .into_iter()
         .collect();
 
-    // 1. Lock the organizations, in id order.
-    let orgs = store::lock_orgs(txn, &org_ids).await?;
-
-    // 2. Their live lots, the holds that matter, the idempotency records,
-    //    the grants' sources.
+    // 1. Lock the organizations, in id order; 2. load their live lots,
+    //    the holds that matter, the idempotency records, the grants'
+    //    sources, as they stand under the locks.
     let wanted = Wanted {
         org_ids,
-        // Holds matter only where credits are held (an org with nothing
-        // held has no open hold to expire) or where the batch names one.
-        holding: orgs
-            .iter()
-            .filter(|o| o.held_micros > 0)
-            .map(|o| o.id)
-            .collect(),
         named_holds: ops
             .iter()
             .filter_map(|p| match &p.op {
@@ -878,7 +869,7 @@ async fn apply_batch(
             .collect(),
         now,
     };
-    let loaded = store::load(txn, &wanted).await?;
+    let (orgs, loaded) = store::lock_and_load(txn, &wanted).await?;
     let mut idem_seen: HashMap<(i64, &'static str, String), (String, String)> = HashMap::new();
     for r in loaded.idempotency {
         let method = match r.method.as_str() {
@@ -1303,7 +1294,17 @@ fn changed_rows(
                 });
             }
         }
-        if book.touched {
+        // Every write of an organization's rows also writes the
+        // organization row: the PostgreSQL store relies on it to notice a
+        // commit that raced its lock (see `store::postgres`).
+        let writes = book.touched
+            || book.lots.iter().any(|l| l.dirty)
+            || book.holds.iter().any(|h| h.is_new || h.finished)
+            || extra
+                .idempotency
+                .iter()
+                .any(|(k, _)| k.org_id == book.org_id);
+        if writes {
             rows.orgs.push(OrgRow {
                 id: book.org_id,
                 balance_micros: book.balance,

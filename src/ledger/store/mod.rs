@@ -22,7 +22,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
 use crate::entities::{admin_audit, credit_lot, ledger_transaction, reservation};
 
 /// An organization's row as a batch locks it (and as it writes it back).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub(super) struct OrgRow {
     pub id: i64,
     pub balance_micros: i64,
@@ -30,12 +30,11 @@ pub(super) struct OrgRow {
     pub ledger_seq: i64,
 }
 
-/// What a batch loads once its organizations are locked.
+/// What a batch loads once its organizations are locked: their rows,
+/// their live lots, their open holds that have expired by `now` (where
+/// credits are held), and the following.
 pub(super) struct Wanted {
     pub org_ids: Vec<i64>,
-    /// Organizations with credits held: their open holds that have expired
-    /// by `now` are loaded.
-    pub holding: Vec<i64>,
     /// Holds the batch commits or releases.
     pub named_holds: Vec<String>,
     /// (organization, method, key) of the batch's idempotency keys.
@@ -129,24 +128,16 @@ fn is_postgres(txn: &DatabaseTransaction) -> bool {
     txn.get_database_backend() == DbBackend::Postgres
 }
 
-/// Locks the organizations' rows in id order and reads them.
-pub(super) async fn lock_orgs(
+/// Locks the organizations' rows in id order, then loads what `wanted`
+/// names as it stands under those locks.
+pub(super) async fn lock_and_load(
     txn: &DatabaseTransaction,
-    org_ids: &[i64],
-) -> Result<Vec<OrgRow>, DbErr> {
+    wanted: &Wanted,
+) -> Result<(Vec<OrgRow>, Loaded), DbErr> {
     if is_postgres(txn) {
-        postgres::lock_orgs(txn, org_ids).await
+        postgres::lock_and_load(txn, wanted).await
     } else {
-        portable::lock_orgs(txn, org_ids).await
-    }
-}
-
-/// Loads what `wanted` names; the organizations must be locked.
-pub(super) async fn load(txn: &DatabaseTransaction, wanted: &Wanted) -> Result<Loaded, DbErr> {
-    if is_postgres(txn) {
-        postgres::load(txn, wanted).await
-    } else {
-        portable::load(txn, wanted).await
+        portable::lock_and_load(txn, wanted).await
     }
 }
 

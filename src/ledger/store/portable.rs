@@ -30,10 +30,23 @@ fn padded<T: Clone>(mut values: Vec<T>) -> Vec<T> {
     values
 }
 
-pub(super) async fn lock_orgs(
+pub(super) async fn lock_and_load(
     txn: &DatabaseTransaction,
-    org_ids: &[i64],
-) -> Result<Vec<OrgRow>, DbErr> {
+    wanted: &Wanted,
+) -> Result<(Vec<OrgRow>, Loaded), DbErr> {
+    let orgs = lock_orgs(txn, &wanted.org_ids).await?;
+    // Holds matter only where credits are held (an org with nothing held
+    // has no open hold to expire) or where the batch names one.
+    let holding: Vec<i64> = orgs
+        .iter()
+        .filter(|o| o.held_micros > 0)
+        .map(|o| o.id)
+        .collect();
+    let loaded = load(txn, wanted, holding).await?;
+    Ok((orgs, loaded))
+}
+
+async fn lock_orgs(txn: &DatabaseTransaction, org_ids: &[i64]) -> Result<Vec<OrgRow>, DbErr> {
     let rows = organization::Entity::find()
         .filter(organization::Column::Id.is_in(padded(org_ids.to_vec())))
         .order_by_asc(organization::Column::Id)
@@ -51,14 +64,18 @@ pub(super) async fn lock_orgs(
         .collect())
 }
 
-pub(super) async fn load(txn: &DatabaseTransaction, wanted: &Wanted) -> Result<Loaded, DbErr> {
+async fn load(
+    txn: &DatabaseTransaction,
+    wanted: &Wanted,
+    holding: Vec<i64>,
+) -> Result<Loaded, DbErr> {
     let lots = credit_lot::Entity::find()
         .filter(credit_lot::Column::OrgId.is_in(padded(wanted.org_ids.clone())))
         .filter(credit_lot::Column::RemainingMicros.gt(0))
         .filter(credit_lot::Column::Kind.ne(LotKind::Pending.as_str()))
         .all(txn)
         .await?;
-    let holds = if wanted.holding.is_empty() && wanted.named_holds.is_empty() {
+    let holds = if holding.is_empty() && wanted.named_holds.is_empty() {
         Vec::new()
     } else {
         reservation::Entity::find()
@@ -66,7 +83,7 @@ pub(super) async fn load(txn: &DatabaseTransaction, wanted: &Wanted) -> Result<L
                 Condition::any()
                     .add(
                         Condition::all()
-                            .add(reservation::Column::OrgId.is_in(padded(wanted.holding.clone())))
+                            .add(reservation::Column::OrgId.is_in(padded(holding)))
                             .add(reservation::Column::Status.eq(HoldStatus::Open.as_str()))
                             .add(reservation::Column::ExpiresAt.lte(wanted.now)),
                     )

@@ -1,47 +1,81 @@
-//! The batch's rows on PostgreSQL: three statements of fixed text, rows in
+//! The batch's rows on PostgreSQL: two statements of fixed text, rows in
 //! and out as JSON.
 //!
 //! Each statement is prepared once per connection and planned once
-//! (`jsonb_to_recordset` and `ANY(ARRAY(…))` give the planner the same
-//! shape whatever the batch holds), and a batch costs the same five round
-//! trips whether it carries one operation or two hundred. The load runs
-//! after the lock, as its own statement, so it reads a snapshot taken once
-//! the locks are held: nothing another transaction committed under those
-//! locks can be missed.
-
-use std::collections::BTreeSet;
+//! (`json_to_recordset` and `ANY(ARRAY(…))` give the planner the same
+//! shape whatever the batch holds), and a batch costs the same four round
+//! trips whether it carries one operation or two hundred: `BEGIN`, lock and
+//! load, write, `COMMIT`.
+//!
+//! Locking and loading in one statement needs care. Under READ COMMITTED a
+//! statement reads one snapshot, taken before its row locks are granted;
+//! `FOR UPDATE` hands back the newest version of each organization row, but
+//! the lots, holds and keys read beside it come from that snapshot. If
+//! another transaction committed changes to an organization between the
+//! snapshot and the lock, those reads would be stale. Every ledger write
+//! updates its organizations' rows (see `changed_rows` in the engine), so
+//! such a commit always leaves a newer row version: the statement compares
+//! the locked version with the one its snapshot sees (`xmin` and
+//! `ledger_seq`), and when any differs the batch loads again with a second
+//! statement, whose snapshot is taken under the locks.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
-use serde_json::json;
+use serde::Serialize;
 
 use super::{IdemRow, Loaded, OrgRow, Rows, Wanted};
 use crate::entities::{credit_lot, reservation};
 
-const LOCK: &str = "\
-SELECT id, balance_micros, held_micros, ledger_seq FROM organizations \
-WHERE id = ANY (ARRAY(SELECT value::bigint FROM jsonb_array_elements_text($1))) \
-ORDER BY id FOR UPDATE";
+const LOCK_AND_LOAD: &str = r#"
+SELECT o.id, o.balance_micros, o.held_micros, o.ledger_seq,
+  (SELECT s.xmin = o.xmin AND s.ledger_seq = o.ledger_seq
+     FROM organizations s WHERE s.id = o.id) AS fresh,
+  (SELECT coalesce(json_agg(l), '[]')::text FROM credit_lots l
+    WHERE l.org_id = o.id AND l.remaining_micros > 0 AND l.kind <> 'pending') AS lots,
+  (SELECT coalesce(json_agg(h), '[]')::text FROM (
+      SELECT r.* FROM reservations r
+       WHERE r.id = ANY (ARRAY(SELECT value FROM json_array_elements_text($2::json)))
+         AND r.org_id = o.id
+      UNION
+      SELECT r.* FROM reservations r
+       WHERE o.held_micros > 0 AND r.org_id = o.id
+         AND r.status = 'open' AND r.expires_at <= $3) h) AS holds,
+  (SELECT coalesce(json_agg(json_build_array(r.org_id, r.method, r.key, r.request_hash, r.response)), '[]')::text
+     FROM json_to_recordset($4::json) AS k(org_id bigint, method text, key text),
+     LATERAL (SELECT i.* FROM idempotency_records i
+               WHERE i.org_id = k.org_id AND i.method = k.method AND i.key = k.key
+               LIMIT 1) r
+    WHERE k.org_id = o.id) AS idempotency,
+  (SELECT coalesce(json_agg(json_build_array(c.source_type, c.source_id)), '[]')::text
+     FROM json_to_recordset($5::json) AS s(source_type text, source_id text),
+     LATERAL (SELECT l.source_type, l.source_id FROM credit_lots l
+               WHERE l.source_type = s.source_type AND l.source_id = s.source_id
+               LIMIT 1) c) AS sources
+FROM organizations o
+WHERE o.id = ANY (ARRAY(SELECT value::bigint FROM json_array_elements_text($1::json)))
+ORDER BY o.id
+FOR UPDATE OF o
+"#;
 
 const LOAD: &str = r#"
 SELECT
   (SELECT coalesce(json_agg(l), '[]')::text FROM credit_lots l
-    WHERE l.org_id = ANY (ARRAY(SELECT value::bigint FROM jsonb_array_elements_text($1)))
+    WHERE l.org_id = ANY (ARRAY(SELECT value::bigint FROM json_array_elements_text($1::json)))
       AND l.remaining_micros > 0 AND l.kind <> 'pending') AS lots,
   (SELECT coalesce(json_agg(h), '[]')::text FROM (
       SELECT r.* FROM reservations r
-       WHERE r.id = ANY (ARRAY(SELECT value FROM jsonb_array_elements_text($2)))
+       WHERE r.id = ANY (ARRAY(SELECT value FROM json_array_elements_text($2::json)))
       UNION
       SELECT r.* FROM reservations r
-       WHERE r.org_id = ANY (ARRAY(SELECT value::bigint FROM jsonb_array_elements_text($3)))
+       WHERE r.org_id = ANY (ARRAY(SELECT value::bigint FROM json_array_elements_text($3::json)))
          AND r.status = 'open' AND r.expires_at <= $4) h) AS holds,
   (SELECT coalesce(json_agg(json_build_array(r.org_id, r.method, r.key, r.request_hash, r.response)), '[]')::text
-     FROM jsonb_to_recordset($5) AS k(org_id bigint, method text, key text),
+     FROM json_to_recordset($5::json) AS k(org_id bigint, method text, key text),
      LATERAL (SELECT i.* FROM idempotency_records i
                WHERE i.org_id = k.org_id AND i.method = k.method AND i.key = k.key
                LIMIT 1) r) AS idempotency,
   (SELECT coalesce(json_agg(json_build_array(c.source_type, c.source_id)), '[]')::text
-     FROM jsonb_to_recordset($6) AS s(source_type text, source_id text),
+     FROM json_to_recordset($6::json) AS s(source_type text, source_id text),
      LATERAL (SELECT l.source_type, l.source_id FROM credit_lots l
                WHERE l.source_type = s.source_type AND l.source_id = s.source_id
                LIMIT 1) c) AS sources
@@ -51,7 +85,7 @@ const WRITE: &str = r#"
 WITH
 lot_updates AS (
   UPDATE credit_lots AS c SET remaining_micros = x.remaining_micros
-    FROM jsonb_to_recordset($1) AS x(id bigint, remaining_micros bigint)
+    FROM json_to_recordset($1::json) AS x(id bigint, remaining_micros bigint)
    WHERE c.id = x.id),
 entries AS (
   INSERT INTO ledger_transactions (id, org_id, seq, "type", amount_micros, balance_after_micros,
@@ -60,7 +94,7 @@ entries AS (
   SELECT x.id, x.org_id, x.seq, x."type", x.amount_micros, x.balance_after_micros,
          x.description, x.reference_type, x.reference_id, x.meter, x.quantity, x.model,
          x.created_at
-    FROM jsonb_to_recordset($2) AS x(id text, org_id bigint, seq bigint, "type" text,
+    FROM json_to_recordset($2::json) AS x(id text, org_id bigint, seq bigint, "type" text,
                                      amount_micros bigint, balance_after_micros bigint,
                                      description text, reference_type text, reference_id text,
                                      meter text, quantity bigint, model text,
@@ -68,11 +102,11 @@ entries AS (
 allocations AS (
   INSERT INTO lot_allocations (transaction_id, lot_id, amount_micros)
   SELECT x.transaction_id, x.lot_id, x.amount_micros
-    FROM jsonb_to_recordset($3) AS x(transaction_id text, lot_id bigint, amount_micros bigint)),
+    FROM json_to_recordset($3::json) AS x(transaction_id text, lot_id bigint, amount_micros bigint)),
 monthly AS (
   INSERT INTO ledger_monthly AS m (org_id, month, "type", credit_micros, debit_micros)
   SELECT x.org_id, x.month, x."type", x.credit_micros, x.debit_micros
-    FROM jsonb_to_recordset($4) AS x(org_id bigint, month text, "type" text,
+    FROM json_to_recordset($4::json) AS x(org_id bigint, month text, "type" text,
                                      credit_micros bigint, debit_micros bigint)
   ON CONFLICT (org_id, month, "type") DO UPDATE
      SET credit_micros = m.credit_micros + excluded.credit_micros,
@@ -80,27 +114,27 @@ monthly AS (
 finished_holds AS (
   UPDATE reservations AS r
      SET status = x.status, transaction_id = x.transaction_id, finished_at = $9
-    FROM jsonb_to_recordset($5) AS x(id text, status text, transaction_id text)
+    FROM json_to_recordset($5::json) AS x(id text, status text, transaction_id text)
    WHERE r.id = x.id),
 new_holds AS (
   INSERT INTO reservations (id, org_id, held_micros, status, meter, quantity, model,
                             transaction_id, expires_at, created_at, finished_at)
   SELECT x.id, x.org_id, x.held_micros, x.status, x.meter, x.quantity, x.model,
          x.transaction_id, x.expires_at, x.created_at, x.finished_at
-    FROM jsonb_to_recordset($6) AS x(id text, org_id bigint, held_micros bigint, status text,
+    FROM json_to_recordset($6::json) AS x(id text, org_id bigint, held_micros bigint, status text,
                                      meter text, quantity bigint, model text,
                                      transaction_id text, expires_at timestamptz,
                                      created_at timestamptz, finished_at timestamptz)),
 idempotency AS (
   INSERT INTO idempotency_records (org_id, method, key, request_hash, response, created_at)
   SELECT x.org_id, x.method, x.key, x.request_hash, x.response, $9
-    FROM jsonb_to_recordset($7) AS x(org_id bigint, method text, key text,
+    FROM json_to_recordset($7::json) AS x(org_id bigint, method text, key text,
                                      request_hash text, response text)),
 orgs AS (
   UPDATE organizations AS o
      SET balance_micros = x.balance_micros, held_micros = x.held_micros,
          ledger_seq = x.ledger_seq, updated_at = $9
-    FROM jsonb_to_recordset($8) AS x(id bigint, balance_micros bigint, held_micros bigint,
+    FROM json_to_recordset($8::json) AS x(id bigint, balance_micros bigint, held_micros bigint,
                                      ledger_seq bigint)
    WHERE o.id = x.id)
 SELECT 1
@@ -112,8 +146,96 @@ fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-fn json_param(v: serde_json::Value) -> Value {
-    Value::from(v)
+/// `rows` as a JSON text parameter (the statement casts it to `json`).
+fn json_param<T: Serialize + ?Sized>(rows: &T) -> Result<Value, DbErr> {
+    serde_json::to_string(rows)
+        .map(Value::from)
+        .map_err(|e| DbErr::Custom(format!("cannot encode rows: {e}")))
+}
+
+#[derive(Serialize)]
+struct LotUpdate {
+    id: i64,
+    remaining_micros: i64,
+}
+
+#[derive(Serialize)]
+struct EntryJson<'a> {
+    id: &'a str,
+    org_id: i64,
+    seq: i64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    amount_micros: i64,
+    balance_after_micros: i64,
+    description: &'a str,
+    reference_type: Option<&'a str>,
+    reference_id: Option<&'a str>,
+    meter: Option<&'a str>,
+    quantity: Option<i64>,
+    model: Option<&'a str>,
+    created_at: String,
+}
+
+#[derive(Serialize)]
+struct AllocationJson<'a> {
+    transaction_id: &'a str,
+    lot_id: i64,
+    amount_micros: i64,
+}
+
+#[derive(Serialize)]
+struct MonthlyJson<'a> {
+    org_id: i64,
+    month: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    credit_micros: i64,
+    debit_micros: i64,
+}
+
+#[derive(Serialize)]
+struct FinishedJson<'a> {
+    id: &'a str,
+    status: &'a str,
+    transaction_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct HoldJson<'a> {
+    id: &'a str,
+    org_id: i64,
+    held_micros: i64,
+    status: &'a str,
+    meter: Option<&'a str>,
+    quantity: Option<i64>,
+    model: Option<&'a str>,
+    transaction_id: Option<&'a str>,
+    expires_at: String,
+    created_at: String,
+    finished_at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct IdemJson<'a> {
+    org_id: i64,
+    method: &'a str,
+    key: &'a str,
+    request_hash: &'a str,
+    response: &'a str,
+}
+
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    org_id: i64,
+    method: &'a str,
+    key: &'a str,
+}
+
+#[derive(Serialize)]
+struct SourceJson<'a> {
+    source_type: &'a str,
+    source_id: &'a str,
 }
 
 fn statement(sql: &str, values: Vec<Value>) -> Statement {
@@ -124,70 +246,130 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, D
     serde_json::from_str(text).map_err(|e| DbErr::Custom(format!("cannot read {what}: {e}")))
 }
 
-pub(super) async fn lock_orgs(
+pub(super) async fn lock_and_load(
     txn: &DatabaseTransaction,
-    org_ids: &[i64],
-) -> Result<Vec<OrgRow>, DbErr> {
+    wanted: &Wanted,
+) -> Result<(Vec<OrgRow>, Loaded), DbErr> {
+    let (keys, sources) = (key_params(wanted), source_params(wanted));
     let rows = txn
-        .query_all_raw(statement(LOCK, vec![json_param(json!(org_ids))]))
+        .query_all_raw(statement(
+            LOCK_AND_LOAD,
+            vec![
+                json_param(&wanted.org_ids)?,
+                json_param(&wanted.named_holds)?,
+                wanted.now.into(),
+                json_param(&keys)?,
+                json_param(&sources)?,
+            ],
+        ))
         .await?;
-    rows.into_iter()
-        .map(|row| {
-            Ok(OrgRow {
-                id: row.try_get("", "id")?,
-                balance_micros: row.try_get("", "balance_micros")?,
-                held_micros: row.try_get("", "held_micros")?,
-                ledger_seq: row.try_get("", "ledger_seq")?,
-            })
+    let mut orgs = Vec::with_capacity(rows.len());
+    let mut loaded = Loaded::default();
+    let mut fresh = true;
+    for (n, row) in rows.iter().enumerate() {
+        orgs.push(OrgRow {
+            id: row.try_get("", "id")?,
+            balance_micros: row.try_get("", "balance_micros")?,
+            held_micros: row.try_get("", "held_micros")?,
+            ledger_seq: row.try_get("", "ledger_seq")?,
+        });
+        fresh &= row.try_get::<Option<bool>>("", "fresh")? == Some(true);
+        if !fresh {
+            continue;
+        }
+        loaded.lots.extend(decode::<Vec<credit_lot::Model>>(
+            "lots",
+            &row.try_get::<String>("", "lots")?,
+        )?);
+        loaded.holds.extend(decode::<Vec<reservation::Model>>(
+            "holds",
+            &row.try_get::<String>("", "holds")?,
+        )?);
+        loaded
+            .idempotency
+            .extend(idem_rows(&row.try_get::<String>("", "idempotency")?)?);
+        if n == 0 {
+            loaded.sources = decode("lot sources", &row.try_get::<String>("", "sources")?)?;
+        }
+    }
+    if !fresh {
+        // Another transaction committed under these locks after this
+        // statement's snapshot: read again, now that the locks are held.
+        tracing::debug!("organization changed while locking; loading again");
+        let holding: Vec<i64> = orgs
+            .iter()
+            .filter(|o| o.held_micros > 0)
+            .map(|o| o.id)
+            .collect();
+        loaded = load(txn, wanted, &holding, &keys, &sources).await?;
+    }
+    Ok((orgs, loaded))
+}
+
+fn key_params(wanted: &Wanted) -> Vec<KeyJson<'_>> {
+    wanted
+        .keys
+        .iter()
+        .map(|(org_id, method, key)| KeyJson {
+            org_id: *org_id,
+            method,
+            key,
         })
         .collect()
 }
 
-pub(super) async fn load(txn: &DatabaseTransaction, wanted: &Wanted) -> Result<Loaded, DbErr> {
-    let keys: Vec<serde_json::Value> = wanted
-        .keys
-        .iter()
-        .map(|(org_id, method, key)| json!({"org_id": org_id, "method": method, "key": key}))
-        .collect();
-    let sources: Vec<serde_json::Value> = wanted
+fn source_params(wanted: &Wanted) -> Vec<SourceJson<'_>> {
+    wanted
         .sources
         .iter()
-        .map(|(t, id)| json!({"source_type": t, "source_id": id}))
-        .collect();
+        .map(|(t, id)| SourceJson {
+            source_type: t,
+            source_id: id,
+        })
+        .collect()
+}
+
+fn idem_rows(text: &str) -> Result<Vec<IdemRow>, DbErr> {
+    let rows: Vec<(i64, String, String, String, String)> = decode("idempotency records", text)?;
+    Ok(rows
+        .into_iter()
+        .map(|(org_id, method, key, request_hash, response)| IdemRow {
+            org_id,
+            method,
+            key,
+            request_hash,
+            response,
+        })
+        .collect())
+}
+
+async fn load(
+    txn: &DatabaseTransaction,
+    wanted: &Wanted,
+    holding: &[i64],
+    keys: &[KeyJson<'_>],
+    sources: &[SourceJson<'_>],
+) -> Result<Loaded, DbErr> {
     let row = txn
         .query_one_raw(statement(
             LOAD,
             vec![
-                json_param(json!(wanted.org_ids)),
-                json_param(json!(wanted.named_holds)),
-                json_param(json!(wanted.holding)),
+                json_param(&wanted.org_ids)?,
+                json_param(&wanted.named_holds)?,
+                json_param(holding)?,
                 wanted.now.into(),
-                json_param(serde_json::Value::Array(keys)),
-                json_param(serde_json::Value::Array(sources)),
+                json_param(keys)?,
+                json_param(sources)?,
             ],
         ))
         .await?
         .ok_or_else(|| DbErr::Custom("the load statement returned no row".into()))?;
     let text = |col: &str| row.try_get::<String>("", col);
-    let lots: Vec<credit_lot::Model> = decode("lots", &text("lots")?)?;
-    let holds: Vec<reservation::Model> = decode("holds", &text("holds")?)?;
-    let idempotency: Vec<(i64, String, String, String, String)> =
-        decode("idempotency records", &text("idempotency")?)?;
-    let sources: BTreeSet<(String, String)> = decode("lot sources", &text("sources")?)?;
     Ok(Loaded {
-        lots,
-        holds,
-        idempotency: idempotency
-            .into_iter()
-            .map(|(org_id, method, key, request_hash, response)| IdemRow {
-                org_id,
-                method,
-                key,
-                request_hash,
-                response,
-            })
-            .collect(),
-        sources,
+        lots: decode("lots", &text("lots")?)?,
+        holds: decode("holds", &text("holds")?)?,
+        idempotency: idem_rows(&text("idempotency")?)?,
+        sources: decode("lot sources", &text("sources")?)?,
     })
 }
 
@@ -203,92 +385,101 @@ pub(super) async fn write(
             .exec_without_returning(txn)
             .await?;
     }
-    let lot_updates: Vec<_> = rows
+    let lot_updates: Vec<LotUpdate> = rows
         .lot_updates
         .iter()
-        .map(|(id, remaining)| json!({"id": id, "remaining_micros": remaining}))
+        .map(|&(id, remaining_micros)| LotUpdate {
+            id,
+            remaining_micros,
+        })
         .collect();
-    let entries: Vec<_> = rows
+    let entries: Vec<EntryJson> = rows
         .entries
         .iter()
-        .map(|e| {
-            json!({
-                "id": e.id, "org_id": e.org_id, "seq": e.seq, "type": e.kind,
-                "amount_micros": e.amount_micros, "balance_after_micros": e.balance_after_micros,
-                "description": e.description, "reference_type": e.reference_type,
-                "reference_id": e.reference_id, "meter": e.meter, "quantity": e.quantity,
-                "model": e.model, "created_at": ts(&e.created_at),
-            })
+        .map(|e| EntryJson {
+            id: &e.id,
+            org_id: e.org_id,
+            seq: e.seq,
+            kind: &e.kind,
+            amount_micros: e.amount_micros,
+            balance_after_micros: e.balance_after_micros,
+            description: &e.description,
+            reference_type: e.reference_type.as_deref(),
+            reference_id: e.reference_id.as_deref(),
+            meter: e.meter.as_deref(),
+            quantity: e.quantity,
+            model: e.model.as_deref(),
+            created_at: ts(&e.created_at),
         })
         .collect();
-    let allocations: Vec<_> = rows
+    let allocations: Vec<AllocationJson> = rows
         .allocations
         .iter()
-        .map(
-            |(t, lot, amount)| json!({"transaction_id": t, "lot_id": lot, "amount_micros": amount}),
-        )
+        .map(|(t, lot, amount)| AllocationJson {
+            transaction_id: t,
+            lot_id: *lot,
+            amount_micros: *amount,
+        })
         .collect();
-    let monthly: Vec<_> = rows
+    let monthly: Vec<MonthlyJson> = rows
         .monthly
         .iter()
-        .map(|m| {
-            json!({
-                "org_id": m.org_id, "month": m.month, "type": m.kind,
-                "credit_micros": m.credit_micros, "debit_micros": m.debit_micros,
-            })
+        .map(|m| MonthlyJson {
+            org_id: m.org_id,
+            month: &m.month,
+            kind: m.kind,
+            credit_micros: m.credit_micros,
+            debit_micros: m.debit_micros,
         })
         .collect();
-    let finished: Vec<_> = rows
+    let finished: Vec<FinishedJson> = rows
         .finished_holds
         .iter()
-        .map(|h| json!({"id": h.id, "status": h.status, "transaction_id": h.transaction_id}))
+        .map(|h| FinishedJson {
+            id: &h.id,
+            status: h.status,
+            transaction_id: h.transaction_id.as_deref(),
+        })
         .collect();
-    let new_holds: Vec<_> = rows
+    let new_holds: Vec<HoldJson> = rows
         .new_holds
         .iter()
-        .map(|h| {
-            json!({
-                "id": h.id, "org_id": h.org_id, "held_micros": h.held_micros, "status": h.status,
-                "meter": h.meter, "quantity": h.quantity, "model": h.model,
-                "transaction_id": h.transaction_id, "expires_at": ts(&h.expires_at),
-                "created_at": ts(&h.created_at), "finished_at": h.finished_at.as_ref().map(ts),
-            })
+        .map(|h| HoldJson {
+            id: &h.id,
+            org_id: h.org_id,
+            held_micros: h.held_micros,
+            status: &h.status,
+            meter: h.meter.as_deref(),
+            quantity: h.quantity,
+            model: h.model.as_deref(),
+            transaction_id: h.transaction_id.as_deref(),
+            expires_at: ts(&h.expires_at),
+            created_at: ts(&h.created_at),
+            finished_at: h.finished_at.as_ref().map(ts),
         })
         .collect();
-    let idempotency: Vec<_> = rows
+    let idempotency: Vec<IdemJson> = rows
         .idempotency
         .iter()
-        .map(|r| {
-            json!({
-                "org_id": r.org_id, "method": r.method, "key": r.key,
-                "request_hash": r.request_hash, "response": r.response,
-            })
+        .map(|r| IdemJson {
+            org_id: r.org_id,
+            method: &r.method,
+            key: &r.key,
+            request_hash: &r.request_hash,
+            response: &r.response,
         })
         .collect();
-    let orgs: Vec<_> = rows
-        .orgs
-        .iter()
-        .map(|o| {
-            json!({
-                "id": o.id, "balance_micros": o.balance_micros, "held_micros": o.held_micros,
-                "ledger_seq": o.ledger_seq,
-            })
-        })
-        .collect();
-    let values = [
-        lot_updates,
-        entries,
-        allocations,
-        monthly,
-        finished,
-        new_holds,
-        idempotency,
-        orgs,
-    ]
-    .into_iter()
-    .map(|rows| json_param(serde_json::Value::Array(rows)))
-    .chain([now.into()])
-    .collect();
+    let values = vec![
+        json_param(&lot_updates)?,
+        json_param(&entries)?,
+        json_param(&allocations)?,
+        json_param(&monthly)?,
+        json_param(&finished)?,
+        json_param(&new_holds)?,
+        json_param(&idempotency)?,
+        json_param(&rows.orgs)?,
+        now.into(),
+    ];
     txn.execute_raw(statement(WRITE, values)).await?;
     Ok(())
 }
