@@ -1,7 +1,7 @@
 //! Every ledger write, batched: one database transaction per batch.
 //!
 //! Callers hand an operation to [`Ledger`]; it goes to the queue of one
-//! worker, chosen by a hash of the organization (PostgreSQL has several
+//! worker, chosen by a hash of the organization (PostgreSQL has two
 //! workers, so concurrent batches touch disjoint rows; SQLite has one). The
 //! workers run on a thread of their own with their own runtime and
 //! connection pool, so their round trips never wait behind request
@@ -16,7 +16,11 @@
 //! 3. sweep expiries, then apply each operation through [`super::model`], in
 //!    arrival order: a refused operation (insufficient credits, key reused)
 //!    changes nothing and does not affect the others;
-//! 4. write every change with a few multi-row statements and commit.
+//! 4. write every change and commit.
+//!
+//! Steps 1, 2 and 4 are `store`'s: on PostgreSQL one statement
+//! locks and loads and one statement writes, so a batch is four round trips
+//! whatever its size.
 //!
 //! Answers are released only after the commit. A transient failure
 //! (serialization, deadlock, busy, lost connection) retries the whole batch;

@@ -6,6 +6,8 @@
 //!   operation through the model, write all changes, commit. Concurrent
 //!   callers are gathered into batches (group commit), each keeping its own
 //!   answer and idempotency record.
+//! * `store`: the batch's rows in and out of the database (a PostgreSQL
+//!   fast path of two fixed statements per batch, and a portable path).
 //! * [`reads`]: balances, the ledger listing, monthly statistics, lot detail.
 //! * [`sweeper`]: the background task that books expiries for organizations
 //!   nobody writes to (writers sweep their own organizations first).
