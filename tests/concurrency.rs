@@ -21,7 +21,7 @@ use billing::{
 use chrono::Utc;
 use common::{Backend, JWT_SECRET, TestDb, authed, backends, invariants, reason, start_on};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use sea_orm::EntityTrait;
+use sea_orm::{ConnectionTrait, EntityTrait, TransactionTrait};
 use tonic::transport::Channel;
 
 const CREDIT: i64 = 1_000_000;
@@ -307,4 +307,109 @@ async fn concurrent_callers_never_lose_or_double_count() {
             Backend::Sqlite => run(backend, 1).await,
         }
     }
+}
+
+/// A write that another replica commits while a batch waits for the row
+/// lock is seen by that batch. The batch's lock-and-load statement reads a
+/// snapshot taken before the lock was granted; here the "other replica"
+/// (a plain transaction) spends one credit of the only lot while holding
+/// the lock, and the service's next charge must start from what it left.
+/// Only PostgreSQL has this race (SQLite has one writer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_committed_under_the_lock_is_seen() {
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let server = common::TestServer::start(Backend::Postgres).await;
+    let admin = server.token(Role::Admin, "ops");
+    let service = server.token(Role::Service, "internal");
+    let channel = server.channel().await;
+    let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    admin_client
+        .manual_adjust(authed(
+            &admin,
+            pb::ManualAdjustRequest {
+                org_id: "race".into(),
+                amount_micros: 5 * CREDIT,
+                reason: "initial".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("grant");
+
+    // The other replica: lock the organization and spend one credit of
+    // its lot, as a ledger write would.
+    let other = sea_orm::Database::connect(&server.db.url)
+        .await
+        .expect("connect");
+    let txn = other.begin().await.expect("begin");
+    txn.execute_unprepared(
+        "SELECT id FROM organizations WHERE external_id = 'race' FOR UPDATE; \
+         UPDATE credit_lots SET remaining_micros = remaining_micros - 1000000 \
+          WHERE org_id = (SELECT id FROM organizations WHERE external_id = 'race'); \
+         UPDATE organizations SET balance_micros = balance_micros - 1000000, \
+          ledger_seq = ledger_seq + 1 WHERE external_id = 'race'",
+    )
+    .await
+    .expect("the other replica's write");
+
+    // A charge arrives meanwhile and waits for the lock.
+    let mut usage = pb::usage_service_client::UsageServiceClient::new(channel);
+    let charge = tokio::spawn(async move {
+        usage
+            .consume(authed(
+                &service,
+                pb::ConsumeRequest {
+                    org_id: "race".into(),
+                    meter: "storage_egress".into(),
+                    quantity: 1,
+                    idempotency_key: "after-the-race".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+    });
+    let waiting = "SELECT count(*) AS n FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    loop {
+        let row = other
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                waiting,
+            ))
+            .await
+            .expect("pg_stat_activity")
+            .expect("a row");
+        if row.try_get::<i64>("", "n").expect("count") > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    txn.commit().await.expect("commit");
+
+    let charged = charge
+        .await
+        .expect("task")
+        .expect("the charge succeeds")
+        .into_inner();
+    let lots: i64 = other
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT CAST(sum(remaining_micros) AS BIGINT) AS s FROM credit_lots \
+             WHERE org_id = (SELECT id FROM organizations WHERE external_id = 'race')",
+        ))
+        .await
+        .expect("lots")
+        .expect("a row")
+        .try_get("", "s")
+        .expect("sum");
+    let expected = 4 * CREDIT - charged.charged_micros;
+    assert_eq!(
+        charged.balance_micros, expected,
+        "the charge saw a stale balance"
+    );
+    assert_eq!(lots, expected, "the charge spent from a stale lot");
+    other.close().await.expect("close");
+    server.stop().await;
 }
