@@ -16,8 +16,8 @@
 //! updates its organizations' rows (see `changed_rows` in the engine), so
 //! such a commit always leaves a newer row version: the statement compares
 //! the locked version with the one its snapshot sees (`xmin` and
-//! `ledger_seq`), and when any differs the batch loads again with a second
-//! statement, whose snapshot is taken under the locks.
+//! `ledger_seq`), and when any differs runs the statement once more: its
+//! locks are already held then, so the new snapshot misses nothing.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
@@ -55,30 +55,6 @@ FROM organizations o
 WHERE o.id = ANY (ARRAY(SELECT value::bigint FROM json_array_elements_text($1::json)))
 ORDER BY o.id
 FOR UPDATE OF o
-"#;
-
-const LOAD: &str = r#"
-SELECT
-  (SELECT coalesce(json_agg(l), '[]')::text FROM credit_lots l
-    WHERE l.org_id = ANY (ARRAY(SELECT value::bigint FROM json_array_elements_text($1::json)))
-      AND l.remaining_micros > 0 AND l.kind <> 'pending') AS lots,
-  (SELECT coalesce(json_agg(h), '[]')::text FROM (
-      SELECT r.* FROM reservations r
-       WHERE r.id = ANY (ARRAY(SELECT value FROM json_array_elements_text($2::json)))
-      UNION
-      SELECT r.* FROM reservations r
-       WHERE r.org_id = ANY (ARRAY(SELECT value::bigint FROM json_array_elements_text($3::json)))
-         AND r.status = 'open' AND r.expires_at <= $4) h) AS holds,
-  (SELECT coalesce(json_agg(json_build_array(r.org_id, r.method, r.key, r.request_hash, r.response)), '[]')::text
-     FROM json_to_recordset($5::json) AS k(org_id bigint, method text, key text),
-     LATERAL (SELECT i.* FROM idempotency_records i
-               WHERE i.org_id = k.org_id AND i.method = k.method AND i.key = k.key
-               LIMIT 1) r) AS idempotency,
-  (SELECT coalesce(json_agg(json_build_array(c.source_type, c.source_id)), '[]')::text
-     FROM json_to_recordset($6::json) AS s(source_type text, source_id text),
-     LATERAL (SELECT l.source_type, l.source_id FROM credit_lots l
-               WHERE l.source_type = s.source_type AND l.source_id = s.source_id
-               LIMIT 1) c) AS sources
 "#;
 
 const WRITE: &str = r#"
@@ -251,59 +227,58 @@ pub(super) async fn lock_and_load(
     wanted: &Wanted,
 ) -> Result<(Vec<OrgRow>, Loaded), DbErr> {
     let (keys, sources) = (key_params(wanted), source_params(wanted));
-    let rows = txn
-        .query_all_raw(statement(
-            LOCK_AND_LOAD,
-            vec![
-                json_param(&wanted.org_ids)?,
-                json_param(&wanted.named_holds)?,
-                wanted.now.into(),
-                json_param(&keys)?,
-                json_param(&sources)?,
-            ],
-        ))
-        .await?;
+    let values = vec![
+        json_param(&wanted.org_ids)?,
+        json_param(&wanted.named_holds)?,
+        wanted.now.into(),
+        json_param(&keys)?,
+        json_param(&sources)?,
+    ];
+    // The second run holds every lock before its snapshot is taken, so no
+    // commit can race it: a third is never needed.
+    for _ in 0..2 {
+        if let Some(found) = try_lock_and_load(txn, values.clone()).await? {
+            return Ok(found);
+        }
+        tracing::debug!("organization changed while locking; loading again");
+    }
+    Err(DbErr::Custom(
+        "organization rows changed while their locks were held".into(),
+    ))
+}
+
+/// One run of [`LOCK_AND_LOAD`]; `None` when a locked row is newer than
+/// the statement's snapshot (what was read beside it may be stale).
+async fn try_lock_and_load(
+    txn: &DatabaseTransaction,
+    values: Vec<Value>,
+) -> Result<Option<(Vec<OrgRow>, Loaded)>, DbErr> {
+    let rows = txn.query_all_raw(statement(LOCK_AND_LOAD, values)).await?;
     let mut orgs = Vec::with_capacity(rows.len());
     let mut loaded = Loaded::default();
-    let mut fresh = true;
     for (n, row) in rows.iter().enumerate() {
+        if row.try_get::<Option<bool>>("", "fresh")? != Some(true) {
+            return Ok(None);
+        }
         orgs.push(OrgRow {
             id: row.try_get("", "id")?,
             balance_micros: row.try_get("", "balance_micros")?,
             held_micros: row.try_get("", "held_micros")?,
             ledger_seq: row.try_get("", "ledger_seq")?,
         });
-        fresh &= row.try_get::<Option<bool>>("", "fresh")? == Some(true);
-        if !fresh {
-            continue;
-        }
-        loaded.lots.extend(decode::<Vec<credit_lot::Model>>(
-            "lots",
-            &row.try_get::<String>("", "lots")?,
-        )?);
-        loaded.holds.extend(decode::<Vec<reservation::Model>>(
-            "holds",
-            &row.try_get::<String>("", "holds")?,
-        )?);
+        let text = |col: &str| row.try_get::<String>("", col);
         loaded
-            .idempotency
-            .extend(idem_rows(&row.try_get::<String>("", "idempotency")?)?);
+            .lots
+            .extend(decode::<Vec<credit_lot::Model>>("lots", &text("lots")?)?);
+        loaded
+            .holds
+            .extend(decode::<Vec<reservation::Model>>("holds", &text("holds")?)?);
+        loaded.idempotency.extend(idem_rows(&text("idempotency")?)?);
         if n == 0 {
-            loaded.sources = decode("lot sources", &row.try_get::<String>("", "sources")?)?;
+            loaded.sources = decode("lot sources", &text("sources")?)?;
         }
     }
-    if !fresh {
-        // Another transaction committed under these locks after this
-        // statement's snapshot: read again, now that the locks are held.
-        tracing::debug!("organization changed while locking; loading again");
-        let holding: Vec<i64> = orgs
-            .iter()
-            .filter(|o| o.held_micros > 0)
-            .map(|o| o.id)
-            .collect();
-        loaded = load(txn, wanted, &holding, &keys, &sources).await?;
-    }
-    Ok((orgs, loaded))
+    Ok(Some((orgs, loaded)))
 }
 
 fn key_params(wanted: &Wanted) -> Vec<KeyJson<'_>> {
@@ -341,36 +316,6 @@ fn idem_rows(text: &str) -> Result<Vec<IdemRow>, DbErr> {
             response,
         })
         .collect())
-}
-
-async fn load(
-    txn: &DatabaseTransaction,
-    wanted: &Wanted,
-    holding: &[i64],
-    keys: &[KeyJson<'_>],
-    sources: &[SourceJson<'_>],
-) -> Result<Loaded, DbErr> {
-    let row = txn
-        .query_one_raw(statement(
-            LOAD,
-            vec![
-                json_param(&wanted.org_ids)?,
-                json_param(&wanted.named_holds)?,
-                json_param(holding)?,
-                wanted.now.into(),
-                json_param(keys)?,
-                json_param(sources)?,
-            ],
-        ))
-        .await?
-        .ok_or_else(|| DbErr::Custom("the load statement returned no row".into()))?;
-    let text = |col: &str| row.try_get::<String>("", col);
-    Ok(Loaded {
-        lots: decode("lots", &text("lots")?)?,
-        holds: decode("holds", &text("holds")?)?,
-        idempotency: idem_rows(&text("idempotency")?)?,
-        sources: decode("lot sources", &text("sources")?)?,
-    })
 }
 
 pub(super) async fn write(
