@@ -47,7 +47,10 @@ use super::{
     GrantInput, GrantOutcome, HoldAmount, Rates, ReleaseInput, ReleaseOutcome, ReserveInput,
     ReserveOutcome,
     model::{Book, EntryDetails, Hold, HoldStatus, Lot, LotKind, LotRef},
-    store::{self, FinishedHold, IdemRow, MonthlyRow, NewLot, OrgRow, Rows, Wanted},
+    store::{
+        self, Allocation, FinishedHold, IdemRow, KeyRef, LotUpdate, MonthlyRow, NewLot, OrgRow,
+        Rows, SourceRef, Wanted,
+    },
 };
 use crate::{
     clock::SharedClock,
@@ -862,12 +865,21 @@ async fn apply_batch(
             .collect(),
         keys: ops
             .iter()
-            .filter_map(|p| p.idem.as_ref().map(|k| (k.org_id, k.method, k.key.clone())))
+            .filter_map(|p| {
+                p.idem.as_ref().map(|k| KeyRef {
+                    org_id: k.org_id,
+                    method: k.method,
+                    key: k.key.clone(),
+                })
+            })
             .collect(),
         sources: ops
             .iter()
             .filter_map(|p| match &p.op {
-                Op::Grant(i) => i.source_id.clone().map(|id| (i.source_type.clone(), id)),
+                Op::Grant(i) => i.source_id.clone().map(|source_id| SourceRef {
+                    source_type: i.source_type.clone(),
+                    source_id,
+                }),
                 _ => None,
             })
             .collect(),
@@ -1231,7 +1243,10 @@ fn changed_rows(
             if let LotRef::Stored(id) = lot.id
                 && lot.dirty
             {
-                rows.lot_updates.push((id, lot.remaining));
+                rows.lot_updates.push(LotUpdate {
+                    id,
+                    remaining_micros: lot.remaining,
+                });
             }
         }
         for e in &book.entries {
@@ -1264,7 +1279,11 @@ fn changed_rows(
                             })?
                     }
                 };
-                rows.allocations.push((e.id.clone(), lot_id, *amount));
+                rows.allocations.push(Allocation {
+                    transaction_id: e.id.clone(),
+                    lot_id,
+                    amount_micros: *amount,
+                });
             }
             let sums = monthly
                 .entry((book.org_id, month_key(e.created_at), e.kind))

@@ -18,11 +18,12 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
+use serde::Serialize;
 
 use crate::entities::{admin_audit, credit_lot, ledger_transaction, reservation};
 
 /// An organization's row as a batch locks it (and as it writes it back).
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub(super) struct OrgRow {
     pub id: i64,
     pub balance_micros: i64,
@@ -37,15 +38,28 @@ pub(super) struct Wanted {
     pub org_ids: Vec<i64>,
     /// Holds the batch commits or releases.
     pub named_holds: Vec<String>,
-    /// (organization, method, key) of the batch's idempotency keys.
-    pub keys: Vec<(i64, &'static str, String)>,
-    /// (source type, source id) of the batch's grants.
-    pub sources: Vec<(String, String)>,
+    pub keys: Vec<KeyRef>,
+    pub sources: Vec<SourceRef>,
     pub now: DateTime<Utc>,
 }
 
+/// One of the batch's idempotency keys.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct KeyRef {
+    pub org_id: i64,
+    pub method: &'static str,
+    pub key: String,
+}
+
+/// The source of one of the batch's grants.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct SourceRef {
+    pub source_type: String,
+    pub source_id: String,
+}
+
 /// A stored idempotency record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub(super) struct IdemRow {
     pub org_id: i64,
     pub method: String,
@@ -77,7 +91,23 @@ pub(super) struct NewLot {
     pub created_at: DateTime<Utc>,
 }
 
+/// A lot's new remainder.
+#[derive(Serialize)]
+pub(super) struct LotUpdate {
+    pub id: i64,
+    pub remaining_micros: i64,
+}
+
+/// Micros a ledger row moved into (+) or out of (-) a lot.
+#[derive(Serialize)]
+pub(super) struct Allocation {
+    pub transaction_id: String,
+    pub lot_id: i64,
+    pub amount_micros: i64,
+}
+
 /// A hold the batch finished (committed, released or expired).
+#[derive(Serialize)]
 pub(super) struct FinishedHold {
     pub id: String,
     pub status: &'static str,
@@ -85,9 +115,11 @@ pub(super) struct FinishedHold {
 }
 
 /// Additions to one organization's month of one transaction type.
+#[derive(Serialize)]
 pub(super) struct MonthlyRow {
     pub org_id: i64,
     pub month: String,
+    #[serde(rename = "type")]
     pub kind: &'static str,
     pub credit_micros: i64,
     pub debit_micros: i64,
@@ -97,11 +129,9 @@ pub(super) struct MonthlyRow {
 /// allocations need their ids).
 #[derive(Default)]
 pub(super) struct Rows {
-    /// (lot id, remaining micros)
-    pub lot_updates: Vec<(i64, i64)>,
+    pub lot_updates: Vec<LotUpdate>,
     pub entries: Vec<ledger_transaction::Model>,
-    /// (transaction id, lot id, signed micros)
-    pub allocations: Vec<(String, i64, i64)>,
+    pub allocations: Vec<Allocation>,
     pub monthly: Vec<MonthlyRow>,
     pub new_holds: Vec<reservation::Model>,
     pub finished_holds: Vec<FinishedHold>,
@@ -153,12 +183,14 @@ pub(super) async fn insert_lots(
 /// Writes `rows`.
 pub(super) async fn write(
     txn: &DatabaseTransaction,
-    rows: Rows,
+    mut rows: Rows,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
     if rows.is_empty() {
         return Ok(());
     }
+    // Admin writes only, so one portable statement on both backends.
+    portable::insert_audits(txn, std::mem::take(&mut rows.audits)).await?;
     if is_postgres(txn) {
         postgres::write(txn, rows, now).await
     } else {

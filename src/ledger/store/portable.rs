@@ -13,7 +13,7 @@ use sea_orm::{
     sea_query::{CaseStatement, Expr, ExprTrait, OnConflict},
 };
 
-use super::{IdemRow, Loaded, NewLot, OrgRow, Rows, Wanted};
+use super::{IdemRow, Loaded, NewLot, OrgRow, Rows, SourceRef, Wanted};
 use crate::{
     entities::{
         admin_audit, credit_lot, idempotency_record, ledger_monthly, ledger_transaction,
@@ -94,9 +94,9 @@ async fn load(
     };
     let mut idempotency = Vec::new();
     if !wanted.keys.is_empty() {
-        let orgs: BTreeSet<i64> = wanted.keys.iter().map(|k| k.0).collect();
-        let methods: BTreeSet<&str> = wanted.keys.iter().map(|k| k.1).collect();
-        let keys: Vec<String> = wanted.keys.iter().map(|k| k.2.clone()).collect();
+        let orgs: BTreeSet<i64> = wanted.keys.iter().map(|k| k.org_id).collect();
+        let methods: BTreeSet<&str> = wanted.keys.iter().map(|k| k.method).collect();
+        let keys: Vec<String> = wanted.keys.iter().map(|k| k.key.clone()).collect();
         // All three columns of the unique index, so the lookup is an index
         // probe per key rather than a scan of the organizations' keys.
         let records = idempotency_record::Entity::find()
@@ -119,7 +119,11 @@ async fn load(
     let mut sources = BTreeSet::new();
     if !wanted.sources.is_empty() {
         let mut any = Condition::any();
-        for (source_type, source_id) in &wanted.sources {
+        for SourceRef {
+            source_type,
+            source_id,
+        } in &wanted.sources
+        {
             any = any.add(
                 Condition::all()
                     .add(credit_lot::Column::SourceType.eq(source_type.as_str()))
@@ -164,6 +168,18 @@ pub(super) async fn insert_lots(
     Ok(ids)
 }
 
+pub(super) async fn insert_audits(
+    txn: &DatabaseTransaction,
+    audits: Vec<admin_audit::ActiveModel>,
+) -> Result<(), DbErr> {
+    if !audits.is_empty() {
+        admin_audit::Entity::insert_many(audits)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(())
+}
+
 pub(super) async fn write(
     txn: &DatabaseTransaction,
     rows: Rows,
@@ -171,16 +187,16 @@ pub(super) async fn write(
 ) -> Result<(), DbErr> {
     if !rows.lot_updates.is_empty() {
         let mut case = CaseStatement::new();
-        for (id, remaining) in &rows.lot_updates {
+        for u in &rows.lot_updates {
             case = case.case(
-                Expr::col(credit_lot::Column::Id).eq(*id),
-                Expr::val(*remaining),
+                Expr::col(credit_lot::Column::Id).eq(u.id),
+                Expr::val(u.remaining_micros),
             );
         }
         let case = case.finally(Expr::col(credit_lot::Column::RemainingMicros));
         credit_lot::Entity::update_many()
             .col_expr(credit_lot::Column::RemainingMicros, case.into())
-            .filter(credit_lot::Column::Id.is_in(rows.lot_updates.iter().map(|(id, _)| *id)))
+            .filter(credit_lot::Column::Id.is_in(rows.lot_updates.iter().map(|u| u.id)))
             .exec(txn)
             .await?;
     }
@@ -194,14 +210,14 @@ pub(super) async fn write(
         .await?;
     }
     if !rows.allocations.is_empty() {
-        lot_allocation::Entity::insert_many(rows.allocations.into_iter().map(
-            |(transaction_id, lot_id, amount)| lot_allocation::ActiveModel {
-                transaction_id: Set(transaction_id),
-                lot_id: Set(lot_id),
-                amount_micros: Set(amount),
+        lot_allocation::Entity::insert_many(rows.allocations.into_iter().map(|a| {
+            lot_allocation::ActiveModel {
+                transaction_id: Set(a.transaction_id),
+                lot_id: Set(a.lot_id),
+                amount_micros: Set(a.amount_micros),
                 ..Default::default()
-            },
-        ))
+            }
+        }))
         .exec_without_returning(txn)
         .await?;
     }
@@ -269,11 +285,6 @@ pub(super) async fn write(
         }))
         .exec_without_returning(txn)
         .await?;
-    }
-    if !rows.audits.is_empty() {
-        admin_audit::Entity::insert_many(rows.audits)
-            .exec_without_returning(txn)
-            .await?;
     }
     if !rows.orgs.is_empty() {
         let case = |value: fn(&OrgRow) -> i64, otherwise: organization::Column| {

@@ -129,11 +129,8 @@ fn json_param<T: Serialize + ?Sized>(rows: &T) -> Result<Value, DbErr> {
         .map_err(|e| DbErr::Custom(format!("cannot encode rows: {e}")))
 }
 
-#[derive(Serialize)]
-struct LotUpdate {
-    id: i64,
-    remaining_micros: i64,
-}
+// Ledger rows and new holds carry timestamps, sent truncated by [`ts`];
+// every other row of [`Rows`] is serialized as it is.
 
 #[derive(Serialize)]
 struct EntryJson<'a> {
@@ -154,30 +151,6 @@ struct EntryJson<'a> {
 }
 
 #[derive(Serialize)]
-struct AllocationJson<'a> {
-    transaction_id: &'a str,
-    lot_id: i64,
-    amount_micros: i64,
-}
-
-#[derive(Serialize)]
-struct MonthlyJson<'a> {
-    org_id: i64,
-    month: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    credit_micros: i64,
-    debit_micros: i64,
-}
-
-#[derive(Serialize)]
-struct FinishedJson<'a> {
-    id: &'a str,
-    status: &'a str,
-    transaction_id: Option<&'a str>,
-}
-
-#[derive(Serialize)]
 struct HoldJson<'a> {
     id: &'a str,
     org_id: i64,
@@ -192,28 +165,6 @@ struct HoldJson<'a> {
     finished_at: Option<String>,
 }
 
-#[derive(Serialize)]
-struct IdemJson<'a> {
-    org_id: i64,
-    method: &'a str,
-    key: &'a str,
-    request_hash: &'a str,
-    response: &'a str,
-}
-
-#[derive(Serialize)]
-struct KeyJson<'a> {
-    org_id: i64,
-    method: &'a str,
-    key: &'a str,
-}
-
-#[derive(Serialize)]
-struct SourceJson<'a> {
-    source_type: &'a str,
-    source_id: &'a str,
-}
-
 fn statement(sql: &str, values: Vec<Value>) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
@@ -226,13 +177,12 @@ pub(super) async fn lock_and_load(
     txn: &DatabaseTransaction,
     wanted: &Wanted,
 ) -> Result<(Vec<OrgRow>, Loaded), DbErr> {
-    let (keys, sources) = (key_params(wanted), source_params(wanted));
     let values = vec![
         json_param(&wanted.org_ids)?,
         json_param(&wanted.named_holds)?,
         wanted.now.into(),
-        json_param(&keys)?,
-        json_param(&sources)?,
+        json_param(&wanted.keys)?,
+        json_param(&wanted.sources)?,
     ];
     // The second run holds every lock before its snapshot is taken, so no
     // commit can race it: a third is never needed.
@@ -281,29 +231,6 @@ async fn try_lock_and_load(
     Ok(Some((orgs, loaded)))
 }
 
-fn key_params(wanted: &Wanted) -> Vec<KeyJson<'_>> {
-    wanted
-        .keys
-        .iter()
-        .map(|(org_id, method, key)| KeyJson {
-            org_id: *org_id,
-            method,
-            key,
-        })
-        .collect()
-}
-
-fn source_params(wanted: &Wanted) -> Vec<SourceJson<'_>> {
-    wanted
-        .sources
-        .iter()
-        .map(|(t, id)| SourceJson {
-            source_type: t,
-            source_id: id,
-        })
-        .collect()
-}
-
 fn idem_rows(text: &str) -> Result<Vec<IdemRow>, DbErr> {
     let rows: Vec<(i64, String, String, String, String)> = decode("idempotency records", text)?;
     Ok(rows
@@ -323,21 +250,6 @@ pub(super) async fn write(
     rows: Rows,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    if !rows.audits.is_empty() {
-        // Admin writes only: the portable insert is fine.
-        use sea_orm::EntityTrait;
-        crate::entities::admin_audit::Entity::insert_many(rows.audits)
-            .exec_without_returning(txn)
-            .await?;
-    }
-    let lot_updates: Vec<LotUpdate> = rows
-        .lot_updates
-        .iter()
-        .map(|&(id, remaining_micros)| LotUpdate {
-            id,
-            remaining_micros,
-        })
-        .collect();
     let entries: Vec<EntryJson> = rows
         .entries
         .iter()
@@ -357,35 +269,6 @@ pub(super) async fn write(
             created_at: ts(&e.created_at),
         })
         .collect();
-    let allocations: Vec<AllocationJson> = rows
-        .allocations
-        .iter()
-        .map(|(t, lot, amount)| AllocationJson {
-            transaction_id: t,
-            lot_id: *lot,
-            amount_micros: *amount,
-        })
-        .collect();
-    let monthly: Vec<MonthlyJson> = rows
-        .monthly
-        .iter()
-        .map(|m| MonthlyJson {
-            org_id: m.org_id,
-            month: &m.month,
-            kind: m.kind,
-            credit_micros: m.credit_micros,
-            debit_micros: m.debit_micros,
-        })
-        .collect();
-    let finished: Vec<FinishedJson> = rows
-        .finished_holds
-        .iter()
-        .map(|h| FinishedJson {
-            id: &h.id,
-            status: h.status,
-            transaction_id: h.transaction_id.as_deref(),
-        })
-        .collect();
     let new_holds: Vec<HoldJson> = rows
         .new_holds
         .iter()
@@ -403,25 +286,14 @@ pub(super) async fn write(
             finished_at: h.finished_at.as_ref().map(ts),
         })
         .collect();
-    let idempotency: Vec<IdemJson> = rows
-        .idempotency
-        .iter()
-        .map(|r| IdemJson {
-            org_id: r.org_id,
-            method: &r.method,
-            key: &r.key,
-            request_hash: &r.request_hash,
-            response: &r.response,
-        })
-        .collect();
     let values = vec![
-        json_param(&lot_updates)?,
+        json_param(&rows.lot_updates)?,
         json_param(&entries)?,
-        json_param(&allocations)?,
-        json_param(&monthly)?,
-        json_param(&finished)?,
+        json_param(&rows.allocations)?,
+        json_param(&rows.monthly)?,
+        json_param(&rows.finished_holds)?,
         json_param(&new_holds)?,
-        json_param(&idempotency)?,
+        json_param(&rows.idempotency)?,
         json_param(&rows.orgs)?,
         now.into(),
     ];
