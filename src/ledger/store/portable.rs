@@ -10,7 +10,7 @@ use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, Condition, DatabaseTransaction, DbErr, EntityTrait, IntoActiveModel, QueryFilter,
     QueryOrder, QuerySelect,
-    sea_query::{CaseStatement, Expr, ExprTrait, OnConflict},
+    sea_query::{CaseStatement, Expr, ExprTrait, IntoColumnRef, OnConflict},
 };
 
 use super::{IdemRow, Loaded, NewLot, OrgRow, Rows, SourceRef, Wanted};
@@ -21,6 +21,21 @@ use crate::{
     },
     ledger::model::{HoldStatus, LotKind},
 };
+
+/// `CASE WHEN id = … THEN value … ELSE column END`: a new value per row
+/// for a multi-row update.
+fn by_id(
+    id: impl IntoColumnRef + Copy,
+    values: impl IntoIterator<Item = (i64, i64)>,
+    column: impl IntoColumnRef,
+) -> CaseStatement {
+    values
+        .into_iter()
+        .fold(CaseStatement::new(), |case, (row, value)| {
+            case.case(Expr::col(id).eq(row), Expr::val(value))
+        })
+        .finally(Expr::col(column))
+}
 
 /// `values` padded to a power-of-two length by repeating the last one.
 fn padded<T: Clone>(mut values: Vec<T>) -> Vec<T> {
@@ -186,16 +201,13 @@ pub(super) async fn write(
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
     if !rows.lot_updates.is_empty() {
-        let mut case = CaseStatement::new();
-        for u in &rows.lot_updates {
-            case = case.case(
-                Expr::col(credit_lot::Column::Id).eq(u.id),
-                Expr::val(u.remaining_micros),
-            );
-        }
-        let case = case.finally(Expr::col(credit_lot::Column::RemainingMicros));
+        let remaining = by_id(
+            credit_lot::Column::Id,
+            rows.lot_updates.iter().map(|u| (u.id, u.remaining_micros)),
+            credit_lot::Column::RemainingMicros,
+        );
         credit_lot::Entity::update_many()
-            .col_expr(credit_lot::Column::RemainingMicros, case.into())
+            .col_expr(credit_lot::Column::RemainingMicros, remaining.into())
             .filter(credit_lot::Column::Id.is_in(rows.lot_updates.iter().map(|u| u.id)))
             .exec(txn)
             .await?;
@@ -287,15 +299,12 @@ pub(super) async fn write(
         .await?;
     }
     if !rows.orgs.is_empty() {
-        let case = |value: fn(&OrgRow) -> i64, otherwise: organization::Column| {
-            let mut case = CaseStatement::new();
-            for o in &rows.orgs {
-                case = case.case(
-                    Expr::col(organization::Column::Id).eq(o.id),
-                    Expr::val(value(o)),
-                );
-            }
-            case.finally(Expr::col(otherwise))
+        let case = |value: fn(&OrgRow) -> i64, column: organization::Column| {
+            by_id(
+                organization::Column::Id,
+                rows.orgs.iter().map(|o| (o.id, value(o))),
+                column,
+            )
         };
         organization::Entity::update_many()
             .col_expr(
