@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use billing::{auth::Role, clock::SystemClock, pb};
-use common::{Backend, TestServer, authed, backends, reason};
+use common::{Backend, TestServer, authed, backends, json_of, reason};
 use prost::Message as _;
 use serde_json::{Value, json};
 use tonic::Code;
@@ -473,8 +473,7 @@ async fn grpc_auth_rejects_missing_bad_expired_and_wrong_role() -> R {
 async fn rest_error(
     response: reqwest::Response,
 ) -> Result<(u16, Value), Box<dyn std::error::Error>> {
-    let status = response.status().as_u16();
-    let body: Value = response.json().await?;
+    let (status, body) = json_of(response).await?;
     assert_eq!(body["success"], false, "{body}");
     assert!(body["message"].is_string(), "{body}");
     Ok((status, body))

@@ -12,7 +12,7 @@ use billing::{
     pb,
 };
 use chrono::{TimeDelta, Utc};
-use common::{Backend, TestServer, authed, backends, invariants, reason};
+use common::{Backend, TestServer, authed, backends, invariants, json_of, reason};
 use serde_json::{Value, json};
 use tonic::{Code, transport::Channel};
 
@@ -511,11 +511,6 @@ async fn expiry_on_an_injected_clock() -> R {
         t.stop().await;
     }
     Ok(())
-}
-
-async fn json_of(response: reqwest::Response) -> Result<(u16, Value), Box<dyn std::error::Error>> {
-    let status = response.status().as_u16();
-    Ok((status, response.json().await?))
 }
 
 #[tokio::test]

@@ -177,6 +177,14 @@ pub fn authed<T>(token: &str, message: T) -> Request<T> {
     request
 }
 
+/// A REST response's status code and JSON body.
+pub async fn json_of(
+    response: reqwest::Response,
+) -> Result<(u16, serde_json::Value), Box<dyn std::error::Error>> {
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
 /// The `ErrorInfo.reason` of a status.
 pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
