@@ -177,17 +177,19 @@ pub(super) async fn lock_and_load(
     txn: &DatabaseTransaction,
     wanted: &Wanted,
 ) -> Result<(Vec<OrgRow>, Loaded), DbErr> {
-    let values = vec![
-        json_param(&wanted.org_ids)?,
-        json_param(&wanted.named_holds)?,
-        wanted.now.into(),
-        json_param(&wanted.keys)?,
-        json_param(&wanted.sources)?,
-    ];
+    let params = || -> Result<Vec<Value>, DbErr> {
+        Ok(vec![
+            json_param(&wanted.org_ids)?,
+            json_param(&wanted.named_holds)?,
+            wanted.now.into(),
+            json_param(&wanted.keys)?,
+            json_param(&wanted.sources)?,
+        ])
+    };
     // The second run holds every lock before its snapshot is taken, so no
     // commit can race it: a third is never needed.
     for _ in 0..2 {
-        if let Some(found) = try_lock_and_load(txn, values.clone()).await? {
+        if let Some(found) = try_lock_and_load(txn, params()?).await? {
             return Ok(found);
         }
         tracing::debug!("organization changed while locking; loading again");
