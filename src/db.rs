@@ -35,6 +35,35 @@ fn base_options(url: &str) -> ConnectOptions {
     opts
 }
 
+/// Whether `err` is a lost or refused connection (the server restarted,
+/// failed over, or terminated the session) rather than a statement's
+/// failure: the transaction it was in is gone, and retrying on a new
+/// connection is safe.
+pub fn is_connection_error(err: &DbErr) -> bool {
+    if matches!(err, DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) {
+        return true;
+    }
+    let text = err.to_string().to_ascii_lowercase();
+    [
+        "57p01", // admin_shutdown: pg_terminate_backend, server stopping
+        "57p02", // crash_shutdown
+        "57p03", // cannot_connect_now
+        "08000", // connection_exception and its kin
+        "08003",
+        "08006",
+        "terminating connection",
+        "connection reset",
+        "connection refused",
+        "broken pipe",
+        "unexpected eof",
+        "pool timed out",
+        "pool closed",
+        "error communicating with database",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
 /// Opens the service's pool for `url` (reads, and everything but ledger
 /// writes).
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {

@@ -45,8 +45,14 @@ pub enum Error {
     },
     #[error("idempotency key was already used with different parameters")]
     IdempotencyKeyReused,
-    #[error("reservation is already {0}")]
-    ReservationFinished(String),
+    /// The hold was already finished; how, so that a caller whose Commit
+    /// timed out can learn what it charged.
+    #[error("reservation is already {status}")]
+    ReservationFinished {
+        status: &'static str,
+        transaction_id: Option<String>,
+        charged_micros: Option<i64>,
+    },
     #[error("already checked in today")]
     AlreadyCheckedIn,
     #[error("daily check-in is disabled")]
@@ -77,6 +83,9 @@ pub enum Error {
     /// A capability that a later release provides.
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
+    /// Too many writes are waiting; retry after a short pause.
+    #[error("the ledger is overloaded; retry shortly")]
+    Overloaded,
     /// A dependency (database, provider) cannot be reached; safe to retry.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -112,7 +121,7 @@ impl Error {
             Self::ReservationNotFound => "RESERVATION_NOT_FOUND",
             Self::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
-            Self::ReservationFinished(_) => "RESERVATION_FINISHED",
+            Self::ReservationFinished { .. } => "RESERVATION_FINISHED",
             Self::AlreadyCheckedIn => "ALREADY_CHECKED_IN",
             Self::CheckinDisabled => "CHECKIN_DISABLED",
             Self::SubscriptionRequired => "SUBSCRIPTION_REQUIRED",
@@ -126,6 +135,7 @@ impl Error {
             Self::PlanCodeTaken => "PLAN_CODE_TAKEN",
             Self::CouponCodeTaken => "COUPON_CODE_TAKEN",
             Self::NotImplemented(_) => "NOT_IMPLEMENTED",
+            Self::Overloaded => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL_ERROR",
         }
@@ -148,12 +158,12 @@ impl Error {
             | Self::CouponCodeTaken => Code::AlreadyExists,
             Self::CreditsNotEnabled
             | Self::InsufficientCredits { .. }
-            | Self::ReservationFinished(_)
+            | Self::ReservationFinished { .. }
             | Self::CheckinDisabled
             | Self::PackLimitReached { .. }
             | Self::CreemProductNotConfigured
             | Self::NoBillingAccount => Code::FailedPrecondition,
-            Self::PurchaseCooldown { .. } => Code::ResourceExhausted,
+            Self::PurchaseCooldown { .. } | Self::Overloaded => Code::ResourceExhausted,
             Self::PaymentProviderNotConfigured(_) | Self::Unavailable(_) => Code::Unavailable,
             Self::NotImplemented(_) => Code::Unimplemented,
             Self::Internal(_) => Code::Internal,
@@ -185,6 +195,19 @@ impl Error {
             Self::PackLimitReached { limit } => {
                 m.insert("limit".into(), limit.to_string());
             }
+            Self::ReservationFinished {
+                status,
+                transaction_id,
+                charged_micros,
+            } => {
+                m.insert("status".into(), (*status).into());
+                if let Some(id) = transaction_id {
+                    m.insert("transaction_id".into(), id.clone());
+                }
+                if let Some(charged) = charged_micros {
+                    m.insert("charged_micros".into(), charged.to_string());
+                }
+            }
             Self::Unauthenticated(_)
             | Self::PermissionDenied(_)
             | Self::CreditsNotEnabled
@@ -193,7 +216,6 @@ impl Error {
             | Self::OrderNotFound
             | Self::ReservationNotFound
             | Self::IdempotencyKeyReused
-            | Self::ReservationFinished(_)
             | Self::AlreadyCheckedIn
             | Self::CheckinDisabled
             | Self::SubscriptionRequired
@@ -205,6 +227,7 @@ impl Error {
             | Self::PlanCodeTaken
             | Self::CouponCodeTaken
             | Self::NotImplemented(_)
+            | Self::Overloaded
             | Self::Unavailable(_)
             | Self::Internal(_) => {}
         }
@@ -224,12 +247,11 @@ impl From<Error> for Status {
 
 impl From<sea_orm::DbErr> for Error {
     fn from(err: sea_orm::DbErr) -> Self {
-        match &err {
-            sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_) => {
-                tracing::warn!(error = %err, "database unavailable");
-                Self::Unavailable("database".into())
-            }
-            _ => Self::Internal(format!("database: {err}")),
+        if crate::db::is_connection_error(&err) {
+            tracing::warn!(error = %err, "database unavailable");
+            Self::Unavailable("the database cannot be reached".into())
+        } else {
+            Self::Internal(format!("database: {err}"))
         }
     }
 }

@@ -27,6 +27,17 @@ struct Clients {
     admin_token: String,
 }
 
+/// The `status`, `transaction_id` and `charged_micros` that a
+/// RESERVATION_FINISHED error carries (those present).
+fn finish_of(status: &tonic::Status) -> Vec<(&'static str, String)> {
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info().expect("error info");
+    ["status", "transaction_id", "charged_micros"]
+        .into_iter()
+        .filter_map(|k| info.metadata.get(k).map(|v| (k, v.clone())))
+        .collect()
+}
+
 impl Clients {
     async fn new(t: &TestServer) -> Self {
         let ch = t.channel().await;
@@ -281,6 +292,14 @@ async fn holds_reserve_commit_release() -> R {
             (err.code(), reason(&err).as_str()),
             (Code::FailedPrecondition, "RESERVATION_FINISHED")
         );
+        // It says how the hold finished, so a caller whose Commit timed
+        // out learns what was charged.
+        let committed = [
+            ("status", "committed".to_owned()),
+            ("transaction_id", done.transaction_id.clone()),
+            ("charged_micros", (4 * CREDIT).to_string()),
+        ];
+        assert_eq!(finish_of(&err), committed);
         let release = pb::ReleaseRequest {
             reservation_id: hold.reservation_id.clone(),
         };
@@ -290,6 +309,7 @@ async fn holds_reserve_commit_release() -> R {
             .await
             .expect_err("finished");
         assert_eq!(err.code(), Code::FailedPrecondition);
+        assert_eq!(finish_of(&err), committed);
 
         // A hold by usage, released whole.
         let by_usage = pb::ReserveRequest {
@@ -855,6 +875,217 @@ async fn manual_adjustments_are_idempotent_and_audited() -> R {
         );
         assert!(audits.iter().any(|a| a.reason == "support ticket 42"));
         invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn amounts_and_balances_stay_within_bounds() -> R {
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let admin = t.token(Role::Admin, "ops");
+        let post = |body: Value| {
+            t.http
+                .post(t.rest("/admin/credits/manual"))
+                .bearer_auth(&admin)
+                .json(&body)
+                .send()
+        };
+        // Past the largest single amount: refused, nothing written.
+        for amount in [
+            json!(9223372036854i64),
+            json!(1000000000001i64),
+            json!(-9223372036854i64),
+        ] {
+            let (status, body) =
+                json_of(post(json!({"org_id": "big", "amount": amount, "reason": "x"})).await?)
+                    .await?;
+            assert_eq!(
+                (status, body["error_code"].as_str(), body["field"].as_str()),
+                (400, Some("INVALID_ARGUMENT"), Some("amount")),
+                "{amount}: {body}"
+            );
+        }
+        // Up to the bound is fine; one credit more is refused and the
+        // organization goes on taking writes.
+        let (status, _) = json_of(
+            post(json!({"org_id": "big", "amount": 1000000000000i64, "reason": "x"})).await?,
+        )
+        .await?;
+        assert_eq!(status, 200);
+        let (status, body) =
+            json_of(post(json!({"org_id": "big", "amount": 1, "reason": "x"})).await?).await?;
+        assert_eq!(
+            (status, body["field"].as_str()),
+            (400, Some("amount")),
+            "{body}"
+        );
+        let (status, body) =
+            json_of(post(json!({"org_id": "big", "amount": -1, "reason": "x"})).await?).await?;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) =
+            json_of(post(json!({"org_id": "big", "amount": 1, "reason": "x"})).await?).await?;
+        assert_eq!(
+            (status, body["data"]["balance"].clone()),
+            (200, json!(1000000000000i64)),
+            "{body}"
+        );
+        // A grant whose expiry has passed is refused too.
+        let (status, body) = json_of(
+            post(json!({"org_id": "big", "amount": 1, "reason": "x",
+                        "expires_at": "2020-01-01T00:00:00Z"}))
+            .await?,
+        )
+        .await?;
+        assert_eq!(
+            (status, body["field"].as_str()),
+            (400, Some("expires_at")),
+            "{body}"
+        );
+        invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn holds_outliving_their_lots_and_committed_holds_as_consumption() -> R {
+    for backend in backends() {
+        let clock = ManualClock::new(Utc::now());
+        let t = TestServer::start_with(backend, &[], Arc::new(clock.clone())).await;
+        let mut c = Clients::new(&t).await;
+        let user = t.token(Role::User, "acme");
+        let now = clock.now();
+        c.grant("acme", 10 * CREDIT, Some(TimeDelta::seconds(5)), now)
+            .await;
+        let mut holds = Vec::new();
+        for (n, credits) in [6, 4].into_iter().enumerate() {
+            let hold = c
+                .usage
+                .reserve(authed(
+                    &c.service,
+                    pb::ReserveRequest {
+                        org_id: "acme".into(),
+                        amount_micros: Some(credits * CREDIT),
+                        ttl_seconds: Some(600),
+                        idempotency_key: format!("h{n}"),
+                        ..Default::default()
+                    },
+                ))
+                .await?
+                .into_inner();
+            holds.push(hold.reservation_id);
+        }
+        clock.advance(TimeDelta::seconds(10));
+
+        // The lot has expired under both holds: nothing is stored, so
+        // nothing is shown as held, and the balance is not negative.
+        let (_, body) = json_of(
+            t.http
+                .get(t.rest("/credits/balance"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(
+            (
+                &body["data"]["balance"],
+                &body["data"]["stored"],
+                &body["data"]["realtime"]
+            ),
+            (&json!(0), &json!(0), &json!(0)),
+            "{body}"
+        );
+        // Commit never fails for lack of credits: it charges what is left
+        // (nothing) and reports the rest as shortfall.
+        let commit = |id: &str, tokens: i64| pb::CommitRequest {
+            reservation_id: id.into(),
+            meter: "ai_tokens".into(),
+            quantity: tokens,
+            ..Default::default()
+        };
+        let done = c
+            .usage
+            .commit(authed(&c.service, commit(&holds[0], 3_000_000)))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (
+                done.charged_micros,
+                done.shortfall_micros,
+                done.balance_micros
+            ),
+            (0, 6 * CREDIT, 0)
+        );
+        // New credits: the remaining hold is charged from them first.
+        c.grant("acme", 3 * CREDIT, None, clock.now()).await;
+        let done = c
+            .usage
+            .commit(authed(&c.service, commit(&holds[1], 2_500_000)))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (
+                done.charged_micros,
+                done.shortfall_micros,
+                done.balance_micros
+            ),
+            (3 * CREDIT, 2 * CREDIT, 0)
+        );
+        let err = c
+            .usage
+            .commit(authed(&c.service, commit(&holds[1], 1)))
+            .await
+            .expect_err("finished");
+        assert_eq!(
+            finish_of(&err),
+            [
+                ("status", "committed".to_owned()),
+                ("transaction_id", done.transaction_id.clone()),
+                ("charged_micros", (3 * CREDIT).to_string()),
+            ]
+        );
+
+        // A committed hold is consumption of its meter, in the balance and
+        // in the monthly statistics.
+        let (_, body) = json_of(
+            t.http
+                .get(t.rest("/credits/balance"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(
+            (
+                &body["data"]["consumption"]["ai_tokens"],
+                &body["data"]["consumption"]["total"]
+            ),
+            (&json!(3), &json!(3)),
+            "{body}"
+        );
+        let (_, body) = json_of(
+            t.http
+                .get(t.rest("/credits/stats/monthly?months=1"))
+                .bearer_auth(&user)
+                .send()
+                .await?,
+        )
+        .await?;
+        let month = &body["data"][0];
+        assert_eq!(
+            (
+                &month["consumption"],
+                &month["grants"],
+                &month["adjustments"],
+                &month["balance"]
+            ),
+            (&json!(3), &json!(13), &json!(-10), &json!(0)),
+            "{body}"
+        );
+        invariants::check(&t.server.state.db, clock.now()).await;
         t.stop().await;
     }
     Ok(())

@@ -7,7 +7,7 @@ use crate::{
     auth::caller,
     catalog,
     error::Error,
-    ledger::{AdjustInput, reads},
+    ledger::{AdjustInput, model::MAX_MICROS, reads},
     pb,
     state::AppState,
 };
@@ -94,6 +94,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let org = input::required("org_id", &r.org_id, input::MAX_ID)?;
         if r.amount_micros == 0 {
             return Err(Error::invalid("amount", "must not be zero").into());
+        }
+        if r.amount_micros.unsigned_abs() > MAX_MICROS.unsigned_abs() {
+            return Err(Error::invalid(
+                "amount",
+                format!(
+                    "must be at most {} credits either way",
+                    MAX_MICROS / 1_000_000
+                ),
+            )
+            .into());
         }
         let reason = input::required("reason", &r.reason, input::MAX_TEXT)?;
         let expires_at = match &r.expires_at {

@@ -58,12 +58,17 @@ use crate::{
     error::{Error, Result},
 };
 
+/// What a caller is told when its write's COMMIT failed midway.
+const OUTCOME_UNKNOWN: &str = "the write's outcome is unknown (the database connection failed during COMMIT); retry with the same idempotency key";
+
 /// Most operations one transaction carries.
 pub const MAX_BATCH: usize = 256;
 /// Attempts of a batch on transient failures.
 const ATTEMPTS: u32 = 6;
 
-enum Op {
+/// One ledger write, as the writer queue carries it.
+#[derive(Debug, Clone)]
+pub enum Op {
     Consume(ConsumeInput),
     Reserve(ReserveInput),
     Commit(CommitInput),
@@ -75,8 +80,9 @@ enum Op {
     Sweep(i64),
 }
 
+/// The answer to an [`Op`]: always the variant of the same name.
 #[derive(Debug)]
-enum Outcome {
+pub enum Outcome {
     Consume(ConsumeOutcome),
     Reserve(ReserveOutcome),
     Commit(CommitOutcome),
@@ -97,10 +103,15 @@ macro_rules! expect {
     };
 }
 
+/// Operations that go into one batch together, each with its reply.
 struct Job {
-    op: Op,
-    reply: oneshot::Sender<Result<Outcome>>,
+    ops: Vec<(Op, oneshot::Sender<Result<Outcome>>)>,
 }
+
+/// How many operations may wait in one writer queue. Past it, callers are
+/// refused at once (RESOURCE_EXHAUSTED) rather than left waiting without
+/// bound behind a writer that cannot keep up.
+const QUEUE_DEPTH: usize = 4096;
 
 /// An operation made ready for the transaction: its organization's row id,
 /// its cost and its idempotency key resolved outside the transaction.
@@ -194,17 +205,25 @@ fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// `sha256(parts joined by NUL)`, hex: the fingerprint a replay must match.
+/// The fingerprint a replay must match: sha256 over each part preceded by
+/// its length, so no two different lists of parts encode alike (a part
+/// may contain any byte, NUL included), hex.
 fn request_hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
         h.update(p.as_bytes());
-        h.update([0]);
     }
     hex::encode(h.finalize())
 }
 
+/// A failure worth running the batch again for: a conflict with another
+/// transaction, a busy database, or a lost connection (the transaction
+/// was rolled back with it; the pool reconnects).
 fn is_transient(err: &DbErr) -> bool {
+    if crate::db::is_connection_error(err) {
+        return true;
+    }
     let text = err.to_string().to_ascii_lowercase();
     [
         "could not serialize",
@@ -244,7 +263,7 @@ impl Ledger {
         // 2.3k Consume/s, 2 gave 2.8–3.1k/s, see the README).
         let workers = if sqlite { 1 } else { 2 };
         let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..workers).map(|_| mpsc::channel(4096)).unzip();
+            (0..workers).map(|_| mpsc::channel(QUEUE_DEPTH)).unzip();
         let ledger = Self {
             inner: Arc::new(Inner {
                 db,
@@ -347,9 +366,57 @@ impl Ledger {
     }
 
     async fn submit(&self, op: Op) -> Result<Outcome> {
+        let mut answers = self.enqueue(vec![op])?;
+        match answers.pop() {
+            Some(answer) => answer
+                .await
+                .map_err(|_| Error::Unavailable("the ledger stopped before answering".into()))?,
+            None => Err(Error::internal("no answer for the operation")),
+        }
+    }
+
+    /// Runs `ops` in one batch (one transaction), in order, as if they had
+    /// arrived together: each answered as on its own. For tests of batch
+    /// behaviour and for callers whose writes belong together.
+    pub async fn submit_together(&self, ops: Vec<Op>) -> Result<Vec<Result<Outcome>>> {
+        let mut out = Vec::with_capacity(ops.len());
+        for answer in self.enqueue(ops)? {
+            out.push(
+                answer.await.map_err(|_| {
+                    Error::Unavailable("the ledger stopped before answering".into())
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Puts `ops` on the queue of the first one's organization, as one job.
+    fn enqueue(&self, ops: Vec<Op>) -> Result<Vec<oneshot::Receiver<Result<Outcome>>>> {
+        let Some(first) = ops.first() else {
+            return Ok(Vec::new());
+        };
+        let queue = &self.senders[self.queue_of(first)];
+        let (ops, answers): (Vec<_>, Vec<_>) = ops
+            .into_iter()
+            .map(|op| {
+                let (reply, answer) = oneshot::channel();
+                ((op, reply), answer)
+            })
+            .unzip();
+        queue.try_send(Job { ops }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => {
+                Error::Unavailable("the ledger is shutting down".into())
+            }
+        })?;
+        Ok(answers)
+    }
+
+    /// The writer queue of `op`'s organization.
+    fn queue_of(&self, op: &Op) -> usize {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        match &op {
+        match op {
             Op::Consume(i) => i.org.hash(&mut hasher),
             Op::Reserve(i) => i.org.hash(&mut hasher),
             Op::Adjust(i) => i.org.hash(&mut hasher),
@@ -358,15 +425,7 @@ impl Ledger {
             Op::Release(i) => i.reservation_id.hash(&mut hasher),
             Op::Sweep(org_id) => org_id.hash(&mut hasher),
         }
-        let queue = &self.senders[(hasher.finish() % self.senders.len() as u64) as usize];
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send(Job { op, reply })
-            .await
-            .map_err(|_| Error::Unavailable("the ledger is shutting down".into()))?;
-        answer
-            .await
-            .map_err(|_| Error::Unavailable("the ledger stopped before answering".into()))?
+        (hasher.finish() % self.senders.len() as u64) as usize
     }
 
     pub async fn consume(&self, input: ConsumeInput) -> Result<ConsumeOutcome> {
@@ -513,20 +572,33 @@ impl Worker {
                 job = self.queue.recv() => job,
             };
             let Some(first) = first else { break };
-            let mut batch = vec![first];
+            let mut batch = first.ops;
             while batch.len() < MAX_BATCH {
                 match self.queue.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(job) => batch.extend(job.ops),
                     Err(_) => break,
                 }
             }
-            self.run_batch(batch).await;
+            // A caller that has gone (its deadline passed, it hung up) was
+            // told nothing was confirmed; its operation is not run.
+            batch.retain(|(_, reply)| !reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            // A panic is a bug, but it must not silently stop the writer:
+            // its batch's transaction is rolled back (dropped), its callers
+            // are answered UNAVAILABLE (their replies are dropped), and the
+            // worker goes on with the next batch.
+            let run = std::panic::AssertUnwindSafe(self.run_batch(batch));
+            if futures::FutureExt::catch_unwind(run).await.is_err() {
+                tracing::error!("ledger writer panicked in a batch; its callers get UNAVAILABLE");
+            }
         }
     }
 
     /// Runs `jobs` and answers each of them.
-    async fn run_batch(&self, jobs: Vec<Job>) {
-        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.into_iter().map(|j| (j.op, j.reply)).unzip();
+    async fn run_batch(&self, jobs: Vec<(Op, oneshot::Sender<Result<Outcome>>)>) {
+        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.into_iter().unzip();
         let results = self.execute(ops).await;
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
@@ -552,7 +624,11 @@ impl Worker {
         if !prepared.is_empty() {
             let outcomes = match self.transact(&prepared).await {
                 Ok(outcomes) => outcomes,
-                Err(e) if prepared.len() > 1 => {
+                // Only a broken rule (one operation's data) is worth
+                // isolating; a database that is down fails every
+                // operation alike, and an unknown outcome must never be
+                // run again.
+                Err(e @ Error::Internal(_)) if prepared.len() > 1 => {
                     tracing::warn!(error = %e, ops = prepared.len(), "batch failed; running its operations one by one");
                     let mut each = Vec::with_capacity(prepared.len());
                     for p in &prepared {
@@ -770,18 +846,31 @@ impl Worker {
                 None => None,
             };
             let now = self.now();
-            let txn = self.db.begin().await?;
-            let result = match apply_batch(&txn, ops, now).await {
-                Ok(outcomes) => txn.commit().await.map(|()| outcomes),
-                Err(BatchError::Db(e)) => {
-                    let _ = txn.rollback().await;
-                    Err(e)
-                }
-                Err(BatchError::Rule(e)) => {
-                    let _ = txn.rollback().await;
-                    self.forget_balances(ops);
-                    return Err(e);
-                }
+            let result = match self.db.begin().await {
+                Err(e) => Err(e),
+                Ok(txn) => match apply_batch(&txn, ops, now).await {
+                    Ok(outcomes) => match txn.commit().await {
+                        Ok(()) => Ok(outcomes),
+                        Err(e) => {
+                            // The COMMIT may or may not have reached the
+                            // database: running the batch again could apply
+                            // it twice. Only the callers can resolve it, by
+                            // retrying with their idempotency keys.
+                            self.forget_balances(ops);
+                            tracing::warn!(error = %e, ops = ops.len(), "ledger COMMIT failed; outcome unknown");
+                            return Err(Error::Unavailable(OUTCOME_UNKNOWN.into()));
+                        }
+                    },
+                    Err(BatchError::Db(e)) => {
+                        let _ = txn.rollback().await;
+                        Err(e)
+                    }
+                    Err(BatchError::Rule(e)) => {
+                        let _ = txn.rollback().await;
+                        self.forget_balances(ops);
+                        return Err(e);
+                    }
+                },
             };
             // After the transaction, whatever its outcome: a balance read
             // while it ran is never kept.
@@ -792,6 +881,10 @@ impl Worker {
                     drop(_guard);
                     tracing::debug!(error = %e, attempt, "retrying ledger batch");
                     tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
+                }
+                Err(e) if crate::db::is_connection_error(&e) => {
+                    tracing::warn!(error = %e, "ledger database unreachable");
+                    return Err(Error::Unavailable("the database cannot be reached".into()));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -825,6 +918,18 @@ pub(super) fn stored_lot(row: credit_lot::Model) -> Option<Lot> {
         source_id: row.source_id,
         dirty: false,
     })
+}
+
+/// The `ledger_monthly` bucket of a ledger row: its type, except that a
+/// committed hold is usage of its meter and is summed with that meter's
+/// `Consume` rows (consumption by meter reads one bucket per meter).
+fn monthly_bucket(e: &super::model::Entry) -> &'static str {
+    match (e.kind, e.details.meter.as_deref()) {
+        ("reservation", Some(meter)) => meter
+            .parse::<crate::domain::Meter>()
+            .map_or(e.kind, crate::domain::Meter::transaction_type),
+        _ => e.kind,
+    }
 }
 
 fn month_key(t: DateTime<Utc>) -> String {
@@ -927,6 +1032,7 @@ async fn apply_batch(
             is_new: false,
             finished: false,
             transaction_id: h.transaction_id,
+            charged: h.charged_micros,
         });
     }
     let mut books: BTreeMap<i64, Book> = BTreeMap::new();
@@ -965,9 +1071,16 @@ async fn apply_batch(
             });
             continue;
         }
+        // A refused operation leaves no trace in the batch: its book goes
+        // back to how it was before the operation.
+        let saved = book.checkpoint();
         let result = apply_one(book, p, now, &mut granted_sources, &mut extra);
-        if let Err(Error::Internal(detail)) = &result {
-            return Err(BatchError::Rule(Error::Internal(detail.clone())));
+        match &result {
+            Ok(_) => {}
+            Err(Error::Internal(detail)) => {
+                return Err(BatchError::Rule(Error::Internal(detail.clone())));
+            }
+            Err(_) => book.restore(saved),
         }
         if let (Ok(outcome), Some(idem)) = (&result, &p.idem) {
             let response = stored_response(outcome).map_err(BatchError::Rule)?;
@@ -1145,7 +1258,7 @@ fn apply_one(
                     ("manual".into(), None),
                     details,
                     now,
-                )
+                )?
                 .map(|e| e.id.clone())
                 .unwrap_or_default()
             } else {
@@ -1175,8 +1288,12 @@ fn apply_one(
             }))
         }
         Op::Grant(i) => {
-            if let Some(source_id) = &i.source_id
-                && !granted_sources.insert((i.source_type.clone(), source_id.clone()))
+            let source = i
+                .source_id
+                .as_ref()
+                .map(|id| (i.source_type.clone(), id.clone()));
+            if let Some(source) = &source
+                && granted_sources.contains(source)
             {
                 return Ok(Outcome::Grant(GrantOutcome {
                     transaction_id: String::new(),
@@ -1200,9 +1317,12 @@ fn apply_one(
                     (i.source_type.clone(), i.source_id.clone()),
                     details,
                     now,
-                )
+                )?
                 .map(|e| e.id.clone())
                 .unwrap_or_default();
+            if let Some(source) = source {
+                granted_sources.insert(source);
+            }
             Ok(Outcome::Grant(GrantOutcome {
                 transaction_id,
                 balance_micros: book.available(),
@@ -1286,12 +1406,12 @@ fn changed_rows(
                 });
             }
             let sums = monthly
-                .entry((book.org_id, month_key(e.created_at), e.kind))
+                .entry((book.org_id, month_key(e.created_at), monthly_bucket(e)))
                 .or_insert((0, 0));
             if e.amount >= 0 {
-                sums.0 += e.amount;
+                sums.0 = sums.0.saturating_add(e.amount);
             } else {
-                sums.1 -= e.amount;
+                sums.1 = sums.1.saturating_add(-e.amount);
             }
         }
         for h in &book.holds {
@@ -1308,12 +1428,14 @@ fn changed_rows(
                     expires_at: h.expires_at,
                     created_at: h.created_at,
                     finished_at: h.finished.then_some(now),
+                    charged_micros: h.charged,
                 });
             } else if h.finished {
                 rows.finished_holds.push(FinishedHold {
                     id: h.id.clone(),
                     status: h.status.as_str(),
                     transaction_id: h.transaction_id.clone(),
+                    charged_micros: h.charged,
                 });
             }
         }

@@ -27,7 +27,7 @@ pub mod sweeper;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use engine::Ledger;
+pub use engine::{Ledger, Op, Outcome};
 pub use model::LotKind;
 pub use rates::Rates;
 

@@ -10,7 +10,16 @@
 //!   = Σ of the organization's ledger amounts;
 //! * no lot below zero, no lot above its allocation;
 //! * `held` = Σ of open, unexpired holds, and `held <= balance` at the
-//!   moment each hold is made (spendable = `balance - held`).
+//!   moment each hold is made (spendable = `balance - held`, never below
+//!   zero). Lots can expire under a hold, so `held` may later exceed
+//!   `balance`: nothing is spendable then, and a Commit charges only what
+//!   the balance still holds ([`Book::commit_hold`]);
+//! * `balance` and every single amount stay within [`MAX_MICROS`]
+//!   (10^12 credits): a grant past it is refused as bad input.
+//!
+//! An operation that is refused changes nothing: callers take a
+//! [`Book::checkpoint`] before each operation and [`Book::restore`] it when
+//! the operation fails, so a refusal can never leak state into its batch.
 //!
 //! **Which lot is spent first** ([`spend_order`]): earliest expiry first,
 //! lots without expiry last, then oldest first, then lowest id. `pending`
@@ -22,6 +31,10 @@ use std::cmp::Ordering;
 use chrono::{DateTime, Utc};
 
 use crate::error::Error;
+
+/// The largest balance an organization may hold, and the largest single
+/// amount: 10^12 credits in micro-credits.
+pub const MAX_MICROS: i64 = 1_000_000_000_000_000_000;
 
 /// How a lot was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,6 +181,8 @@ pub struct Hold {
     /// Status changed in this transaction.
     pub finished: bool,
     pub transaction_id: Option<String>,
+    /// What a committed hold charged.
+    pub charged: Option<i64>,
 }
 
 /// What a ledger row says beyond its amount.
@@ -193,6 +208,19 @@ pub struct Entry {
     pub created_at: DateTime<Utc>,
     /// (lot, signed micros moved into it)
     pub allocations: Vec<(LotRef, i64)>,
+}
+
+/// What [`Book::checkpoint`] saves.
+#[derive(Debug)]
+pub struct Checkpoint {
+    balance: i64,
+    held: i64,
+    seq: i64,
+    lots: Vec<Lot>,
+    holds: Vec<Hold>,
+    entries: usize,
+    next_new_lot: usize,
+    touched: bool,
 }
 
 /// One organization's money, loaded under its lock, plus this
@@ -235,9 +263,58 @@ impl Book {
         }
     }
 
-    /// Credits that can be spent now: balance less open holds.
+    /// Credits that can be spent now: balance less open holds, never
+    /// below zero.
     pub fn available(&self) -> i64 {
-        self.balance - self.held
+        (self.balance - self.held).max(0)
+    }
+
+    /// The state an operation may change, to [`Book::restore`] if it fails.
+    /// Entries are only ever appended, so their count is enough.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let Self {
+            org_id: _,
+            balance,
+            held,
+            seq,
+            lots,
+            holds,
+            entries,
+            next_new_lot,
+            touched,
+        } = self;
+        Checkpoint {
+            balance: *balance,
+            held: *held,
+            seq: *seq,
+            lots: lots.clone(),
+            holds: holds.clone(),
+            entries: entries.len(),
+            next_new_lot: *next_new_lot,
+            touched: *touched,
+        }
+    }
+
+    /// Puts back what [`Book::checkpoint`] saved.
+    pub fn restore(&mut self, saved: Checkpoint) {
+        let Checkpoint {
+            balance,
+            held,
+            seq,
+            lots,
+            holds,
+            entries,
+            next_new_lot,
+            touched,
+        } = saved;
+        self.balance = balance;
+        self.held = held;
+        self.seq = seq;
+        self.lots = lots;
+        self.holds = holds;
+        self.entries.truncate(entries);
+        self.next_new_lot = next_new_lot;
+        self.touched = touched;
     }
 
     fn push_entry(
@@ -355,15 +432,31 @@ impl Book {
         if amount > self.available() {
             return Err(Error::InsufficientCredits {
                 needed_micros: amount,
-                available_micros: self.available().max(0),
+                available_micros: self.available(),
             });
         }
+        self.debit(id, kind, amount, details, now)
+    }
+
+    /// Takes `amount` (at most `balance`) from the lots as a `kind` row,
+    /// whatever is held.
+    fn debit(
+        &mut self,
+        id: String,
+        kind: &'static str,
+        amount: i64,
+        details: EntryDetails,
+        now: DateTime<Utc>,
+    ) -> Result<&Entry, Error> {
         let moved = self.take_from_lots(amount, now)?;
         Ok(self.push_entry(id, kind, -amount, details, moved, now))
     }
 
-    /// Adds a lot of `amount`. A `pending` lot is only shown (no ledger row,
-    /// no balance); any other kind is booked as a `kind` row.
+    /// Adds a lot of `amount` (> 0). A `pending` lot is only shown (no
+    /// ledger row, no balance); any other kind is booked as a `kind` row.
+    /// Refused, as bad input naming `amount`, when the amount or the
+    /// balance it leads to would pass [`MAX_MICROS`]; a lot that has
+    /// already expired is refused naming `expires_at`.
     #[expect(
         clippy::too_many_arguments,
         reason = "a lot and its ledger row are made together"
@@ -378,7 +471,27 @@ impl Book {
         source: (String, Option<String>),
         details: EntryDetails,
         now: DateTime<Utc>,
-    ) -> Option<&Entry> {
+    ) -> Result<Option<&Entry>, Error> {
+        if amount <= 0 {
+            return Err(Error::invalid("amount", "must be greater than 0"));
+        }
+        let counted = if lot_kind == LotKind::Pending {
+            0
+        } else {
+            amount
+        };
+        if amount > MAX_MICROS || self.balance.saturating_add(counted) > MAX_MICROS {
+            return Err(Error::invalid(
+                "amount",
+                format!(
+                    "would take the balance past the limit of {} credits",
+                    MAX_MICROS / 1_000_000
+                ),
+            ));
+        }
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
         let lot_ref = LotRef::New(self.next_new_lot);
         self.next_new_lot += 1;
         self.touched = true;
@@ -394,16 +507,16 @@ impl Book {
             dirty: true,
         });
         if lot_kind == LotKind::Pending {
-            return None;
+            return Ok(None);
         }
-        Some(self.push_entry(
+        Ok(Some(self.push_entry(
             id,
             entry_kind,
             amount,
             details,
             vec![(lot_ref, amount)],
             now,
-        ))
+        )))
     }
 
     /// Holds `amount` of the available credits.
@@ -418,7 +531,7 @@ impl Book {
         if amount > self.available() {
             return Err(Error::InsufficientCredits {
                 needed_micros: amount,
-                available_micros: self.available().max(0),
+                available_micros: self.available(),
             });
         }
         self.held += amount;
@@ -435,6 +548,7 @@ impl Book {
             is_new: true,
             finished: false,
             transaction_id: None,
+            charged: None,
         });
         Ok(&self.holds[self.holds.len() - 1])
     }
@@ -445,9 +559,21 @@ impl Book {
             .iter()
             .position(|h| h.id == hold_id)
             .ok_or(Error::ReservationNotFound)?;
-        match self.holds[index].status {
+        let hold = &self.holds[index];
+        match hold.status {
             HoldStatus::Open => Ok(index),
-            finished => Err(Error::ReservationFinished(finished.as_str().into())),
+            HoldStatus::Committed => Err(Error::ReservationFinished {
+                status: HoldStatus::Committed.as_str(),
+                transaction_id: hold.transaction_id.clone(),
+                charged_micros: hold.charged,
+            }),
+            finished @ (HoldStatus::Released | HoldStatus::Expired) => {
+                Err(Error::ReservationFinished {
+                    status: finished.as_str(),
+                    transaction_id: None,
+                    charged_micros: None,
+                })
+            }
         }
     }
 
@@ -464,16 +590,22 @@ impl Book {
     ) -> Result<(String, i64, i64, i64), Error> {
         let index = self.open_hold(hold_id)?;
         let held = self.holds[index].held;
-        self.held -= held;
-        let charge = cost.min(self.available().max(0));
+        // The held part is covered by the hold, as far as the balance
+        // still goes (lots may have expired under it); only the excess
+        // competes with everyone else for what is available.
+        let from_hold = cost.min(held).min(self.balance.max(0));
+        let excess = (cost - held).max(0).min(self.available());
+        let charge = from_hold + excess;
         let shortfall = cost - charge;
         let released = (held - cost).max(0);
-        let entry = self.spend(entry_id, "reservation", charge, details, now)?;
+        self.held -= held;
+        let entry = self.debit(entry_id, "reservation", charge, details, now)?;
         let entry_id = entry.id.clone();
         let hold = &mut self.holds[index];
         hold.status = HoldStatus::Committed;
         hold.finished = true;
         hold.transaction_id = Some(entry_id.clone());
+        hold.charged = Some(charge);
         Ok((entry_id, charge, shortfall, released))
     }
 
@@ -595,7 +727,11 @@ mod tests {
         assert_eq!((book.balance, book.held), (0, 0));
         assert!(matches!(
             book.release_hold("h1"),
-            Err(Error::ReservationFinished(_))
+            Err(Error::ReservationFinished {
+                status: "committed",
+                charged_micros: Some(100),
+                ..
+            })
         ));
         Ok(())
     }
@@ -606,9 +742,13 @@ mod tests {
         book.hold("h1".into(), 70, t(10), (None, None, None), t(0))?;
         book.sweep(t(10) + TimeDelta::seconds(1), ids());
         assert_eq!(book.available(), 100);
-        assert!(
-            matches!(book.release_hold("h1"), Err(Error::ReservationFinished(s)) if s == "expired")
-        );
+        assert!(matches!(
+            book.release_hold("h1"),
+            Err(Error::ReservationFinished {
+                status: "expired",
+                ..
+            })
+        ));
         Ok(())
     }
 
@@ -625,11 +765,97 @@ mod tests {
             EntryDetails::default(),
             t(0),
         );
-        assert!(entry.is_none());
+        assert!(matches!(entry, Ok(None)));
         assert_eq!(book.balance, 0);
         assert!(
             book.spend("tx2".into(), "ai_usage", 1, EntryDetails::default(), t(1))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn commit_after_the_lots_expired_charges_what_is_left() -> Result<(), Error> {
+        // 10 credits expiring at t(5), held 6 + 4; the lot expires; the
+        // first hold commits its full cost.
+        let mut book = Book::new(1, 10, 0, 0, vec![lot(1, 10, Some(5), 0)], vec![]);
+        let mut id = ids();
+        book.hold("h1".into(), 6, t(300), (None, None, None), t(0))?;
+        book.hold("h2".into(), 4, t(300), (None, None, None), t(0))?;
+        book.sweep(t(6), &mut id);
+        assert_eq!((book.balance, book.held, book.available()), (0, 10, 0));
+        let (_, charged, shortfall, released) =
+            book.commit_hold("h1", id(), 6, EntryDetails::default(), t(6))?;
+        assert_eq!((charged, shortfall, released), (0, 6, 0));
+        assert_eq!((book.balance, book.held), (0, 4));
+        // Half the credits left: the hold is charged from them first.
+        let mut book = Book::new(
+            1,
+            10,
+            0,
+            0,
+            vec![lot(1, 5, Some(5), 0), lot(2, 5, None, 0)],
+            vec![],
+        );
+        book.hold("h1".into(), 6, t(300), (None, None, None), t(0))?;
+        book.hold("h2".into(), 4, t(300), (None, None, None), t(0))?;
+        book.sweep(t(6), &mut id);
+        let (_, charged, shortfall, _) =
+            book.commit_hold("h1", id(), 8, EntryDetails::default(), t(6))?;
+        assert_eq!((charged, shortfall), (5, 3));
+        assert_eq!((book.balance, book.held, book.available()), (0, 4, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn a_restored_checkpoint_undoes_a_refused_operation() -> Result<(), Error> {
+        let mut book = Book::new(1, 10, 0, 3, vec![lot(1, 10, None, 0)], vec![]);
+        book.hold("h1".into(), 4, t(300), (None, None, None), t(0))?;
+        let saved = book.checkpoint();
+        let before = (book.balance, book.held, book.seq, book.entries.len());
+        book.spend("x".into(), "ai_usage", 2, EntryDetails::default(), t(1))?;
+        book.release_hold("h1")?;
+        book.restore(saved);
+        assert_eq!(
+            (book.balance, book.held, book.seq, book.entries.len()),
+            before
+        );
+        assert_eq!(book.lots[0].remaining, 10);
+        assert_eq!(book.holds[0].status, HoldStatus::Open);
+        Ok(())
+    }
+
+    #[test]
+    fn grants_past_the_bound_or_already_expired_are_refused() {
+        let mut book = Book::new(1, 0, 0, 0, vec![], vec![]);
+        let grant = |book: &mut Book, amount: i64, expires: Option<i64>| {
+            book.grant(
+                "g".into(),
+                "manual",
+                LotKind::Manual,
+                amount,
+                expires.map(t),
+                ("manual".into(), None),
+                EntryDetails::default(),
+                t(10),
+            )
+            .map(|e| e.map(|e| e.balance_after))
+        };
+        assert!(matches!(
+            grant(&mut book, MAX_MICROS, None),
+            Ok(Some(MAX_MICROS))
+        ));
+        assert!(matches!(
+            grant(&mut book, 1, None),
+            Err(Error::InvalidArgument { field, .. }) if field == "amount"
+        ));
+        let mut book = Book::new(1, 0, 0, 0, vec![], vec![]);
+        assert!(matches!(
+            grant(&mut book, MAX_MICROS + 1, None),
+            Err(Error::InvalidArgument { field, .. }) if field == "amount"
+        ));
+        assert!(matches!(
+            grant(&mut book, 5, Some(10)),
+            Err(Error::InvalidArgument { field, .. }) if field == "expires_at"
+        ));
     }
 }

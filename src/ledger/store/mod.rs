@@ -112,6 +112,7 @@ pub(super) struct FinishedHold {
     pub id: String,
     pub status: &'static str,
     pub transaction_id: Option<String>,
+    pub charged_micros: Option<i64>,
 }
 
 /// Additions to one organization's month of one transaction type.
@@ -152,6 +153,13 @@ impl Rows {
             && self.audits.is_empty()
             && self.orgs.is_empty()
     }
+}
+
+/// `a + b` of two non-negative monthly sums, stopping at `i64::MAX`
+/// instead of overflowing: the sums are statistics, and a month of
+/// maximal grants must not make every later write of the organization fail.
+fn saturating_sum(a: &str, b: &str) -> String {
+    format!("CASE WHEN {a} > 9223372036854775807 - {b} THEN 9223372036854775807 ELSE {a} + {b} END")
 }
 
 fn is_postgres(txn: &DatabaseTransaction) -> bool {

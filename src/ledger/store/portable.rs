@@ -251,11 +251,17 @@ pub(super) async fn write(
             ])
             .value(
                 ledger_monthly::Column::CreditMicros,
-                Expr::cust("ledger_monthly.credit_micros + excluded.credit_micros"),
+                Expr::cust(super::saturating_sum(
+                    "ledger_monthly.credit_micros",
+                    "excluded.credit_micros",
+                )),
             )
             .value(
                 ledger_monthly::Column::DebitMicros,
-                Expr::cust("ledger_monthly.debit_micros + excluded.debit_micros"),
+                Expr::cust(super::saturating_sum(
+                    "ledger_monthly.debit_micros",
+                    "excluded.debit_micros",
+                )),
             )
             .to_owned(),
         )
@@ -269,6 +275,10 @@ pub(super) async fn write(
             .col_expr(
                 reservation::Column::TransactionId,
                 Expr::val(h.transaction_id),
+            )
+            .col_expr(
+                reservation::Column::ChargedMicros,
+                Expr::val(h.charged_micros),
             )
             .filter(reservation::Column::Id.eq(h.id))
             .exec(txn)

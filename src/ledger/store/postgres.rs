@@ -85,22 +85,30 @@ monthly AS (
     FROM json_to_recordset($4::json) AS x(org_id bigint, month text, "type" text,
                                      credit_micros bigint, debit_micros bigint)
   ON CONFLICT (org_id, month, "type") DO UPDATE
-     SET credit_micros = m.credit_micros + excluded.credit_micros,
-         debit_micros = m.debit_micros + excluded.debit_micros),
+     SET credit_micros = CASE WHEN m.credit_micros > 9223372036854775807 - excluded.credit_micros
+                              THEN 9223372036854775807
+                              ELSE m.credit_micros + excluded.credit_micros END,
+         debit_micros = CASE WHEN m.debit_micros > 9223372036854775807 - excluded.debit_micros
+                             THEN 9223372036854775807
+                             ELSE m.debit_micros + excluded.debit_micros END),
 finished_holds AS (
   UPDATE reservations AS r
-     SET status = x.status, transaction_id = x.transaction_id, finished_at = $9
-    FROM json_to_recordset($5::json) AS x(id text, status text, transaction_id text)
+     SET status = x.status, transaction_id = x.transaction_id,
+         charged_micros = x.charged_micros, finished_at = $9
+    FROM json_to_recordset($5::json) AS x(id text, status text, transaction_id text,
+                                     charged_micros bigint)
    WHERE r.id = x.id),
 new_holds AS (
   INSERT INTO reservations (id, org_id, held_micros, status, meter, quantity, model,
-                            transaction_id, expires_at, created_at, finished_at)
+                            transaction_id, expires_at, created_at, finished_at,
+                            charged_micros)
   SELECT x.id, x.org_id, x.held_micros, x.status, x.meter, x.quantity, x.model,
-         x.transaction_id, x.expires_at, x.created_at, x.finished_at
+         x.transaction_id, x.expires_at, x.created_at, x.finished_at, x.charged_micros
     FROM json_to_recordset($6::json) AS x(id text, org_id bigint, held_micros bigint, status text,
                                      meter text, quantity bigint, model text,
                                      transaction_id text, expires_at timestamptz,
-                                     created_at timestamptz, finished_at timestamptz)),
+                                     created_at timestamptz, finished_at timestamptz,
+                                     charged_micros bigint)),
 idempotency AS (
   INSERT INTO idempotency_records (org_id, method, key, request_hash, response, created_at)
   SELECT x.org_id, x.method, x.key, x.request_hash, x.response, $9
@@ -163,6 +171,7 @@ struct HoldJson<'a> {
     expires_at: String,
     created_at: String,
     finished_at: Option<String>,
+    charged_micros: Option<i64>,
 }
 
 fn statement(sql: &str, values: Vec<Value>) -> Statement {
@@ -286,6 +295,7 @@ pub(super) async fn write(
             expires_at: ts(&h.expires_at),
             created_at: ts(&h.created_at),
             finished_at: h.finished_at.as_ref().map(ts),
+            charged_micros: h.charged_micros,
         })
         .collect();
     let values = vec![
