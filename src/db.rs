@@ -1,7 +1,11 @@
 //! Database connection, migrations and first-run seeding.
 //!
 //! SQLite runs in WAL mode with a busy timeout and foreign keys on, so that
-//! readers never block the writer and a writer waits rather than failing.
+//! readers never block the writer and a writer waits rather than failing,
+//! and with `synchronous=FULL`, so that an acknowledged write survives a
+//! power loss, not only a crash of the process. One `billing serve` owns a
+//! SQLite file ([`lock_sqlite_file`]): its ledger is the file's only writer,
+//! which its balance cache relies on.
 //! On PostgreSQL, migrations run inside one transaction holding an advisory
 //! lock, so replicas starting together apply them once, in order.
 
@@ -27,7 +31,7 @@ fn base_options(url: &str) -> ConnectOptions {
     if url.starts_with("sqlite:") {
         opts.map_sqlx_sqlite_opts(|o| {
             o.journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
+                .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(30))
                 .foreign_keys(true)
         });
@@ -62,6 +66,49 @@ pub fn is_connection_error(err: &DbErr) -> bool {
     ]
     .iter()
     .any(|needle| text.contains(needle))
+}
+
+/// The file of a SQLite `url` (`sqlite://path?…`, `sqlite:path`); `None`
+/// for PostgreSQL and in-memory databases.
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && !path.starts_with(":memory:")).then(|| path.into())
+}
+
+/// Makes this process the only `billing serve` on the SQLite file of
+/// `url`: an exclusive lock on `<file>.lock`, held while the returned file
+/// is open (the operating system releases it if the process dies). Another
+/// process already holding it is an error that names `DATABASE_URL`.
+pub fn lock_sqlite_file(url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(path) = sqlite_path(url) else {
+        return Ok(None);
+    };
+    let mut lock_path = path.into_os_string();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "DATABASE_URL: cannot open the lock file {}: {e}",
+                std::path::Path::new(&lock_path).display()
+            )
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "DATABASE_URL: the SQLite database {url} is already served by another billing process \
+             (one process per SQLite file; use PostgreSQL for several replicas)"
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!(
+            "DATABASE_URL: cannot lock {}: {e}",
+            std::path::Path::new(&lock_path).display()
+        )),
+    }
 }
 
 /// Opens the service's pool for `url` (reads, and everything but ledger
@@ -111,4 +158,20 @@ pub async fn prepare(url: &str) -> Result<DatabaseConnection, DbErr> {
     migrate(&db).await?;
     crate::catalog::seed_default_catalog(&db, chrono::Utc::now()).await?;
     Ok(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths_are_read_from_urls() {
+        assert_eq!(
+            sqlite_path("sqlite://billing.db?mode=rwc"),
+            Some("billing.db".into())
+        );
+        assert_eq!(sqlite_path("sqlite:/tmp/x.db"), Some("/tmp/x.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://u@h/db"), None);
+    }
 }

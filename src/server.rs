@@ -77,6 +77,8 @@ pub struct RunningServer {
     /// drained, so calls in flight at shutdown still get their answers.
     background: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// This process's hold on its SQLite file (released when dropped).
+    _sqlite_lock: Option<std::fs::File>,
 }
 
 impl RunningServer {
@@ -176,6 +178,7 @@ pub async fn start(
 ) -> anyhow::Result<RunningServer> {
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
+    let sqlite_lock = db::lock_sqlite_file(&config.database_url)?;
     let db = db::prepare(&config.database_url)
         .await
         .context("DATABASE_URL: cannot open, migrate or seed the database")?;
@@ -292,5 +295,6 @@ pub async fn start(
         shutdown,
         background,
         tasks: vec![grpc_task, http_task, health_task],
+        _sqlite_lock: sqlite_lock,
     })
 }

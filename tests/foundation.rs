@@ -741,16 +741,22 @@ async fn migrations_apply_on_empty_databases_and_rerun_cleanly() -> R {
         );
         assert_eq!(billing::catalog::list_plans(&conn, true).await?.len(), 4);
 
-        // Two servers starting on the same database agree on one catalog.
+        // Two servers starting on the same database agree on one catalog
+        // (PostgreSQL; a SQLite file takes one process, see below).
         let a = common::start_on(&db.url, &[], Arc::new(SystemClock)).await;
-        let b = common::start_on(&db.url, &[], Arc::new(SystemClock)).await;
+        let b = match backend {
+            Backend::Postgres => Some(common::start_on(&db.url, &[], Arc::new(SystemClock)).await),
+            Backend::Sqlite => None,
+        };
         assert_eq!(
             billing::catalog::list_packs(&conn).await?.len(),
             3,
             "{backend:?}"
         );
         a.shutdown().await?;
-        b.shutdown().await?;
+        if let Some(b) = b {
+            b.shutdown().await?;
+        }
     }
     Ok(())
 }
@@ -803,5 +809,24 @@ async fn cli_token_and_migrate() -> R {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_process_on_one_sqlite_file_refuses_to_start() -> R {
+    let t = TestServer::start(Backend::Sqlite).await;
+    let second = common::try_start_on(&t.db.url, &[], Arc::new(SystemClock)).await;
+    let message = format!("{:#}", second.err().ok_or("a second server started")?);
+    assert!(
+        message.starts_with("DATABASE_URL:") && message.contains("another billing process"),
+        "{message}"
+    );
+    // Once the first has stopped, the file is free again.
+    let url = t.db.url.clone();
+    let TestServer { server, db, .. } = t;
+    server.shutdown().await?;
+    let again = common::start_on(&url, &[], Arc::new(SystemClock)).await;
+    again.shutdown().await?;
+    drop(db);
     Ok(())
 }

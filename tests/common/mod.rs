@@ -150,6 +150,15 @@ pub async fn start_on(
     env: &[(&str, &str)],
     clock: Arc<dyn Clock>,
 ) -> RunningServer {
+    try_start_on(database_url, env, clock).await.unwrap()
+}
+
+/// [`start_on`], handing back a refusal to start.
+pub async fn try_start_on(
+    database_url: &str,
+    env: &[(&str, &str)],
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<RunningServer> {
     let mut vars: HashMap<String, String> = HashMap::from([
         ("DATABASE_URL".into(), database_url.to_owned()),
         ("BILLING_JWT_SECRET".into(), JWT_SECRET.into()),
@@ -164,9 +173,7 @@ pub async fn start_on(
         grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
     };
-    billing::start(config, listeners, ServerOptions { clock })
-        .await
-        .unwrap()
+    billing::start(config, listeners, ServerOptions { clock }).await
 }
 
 /// A gRPC request with `authorization: Bearer <token>`.
