@@ -1090,3 +1090,32 @@ async fn holds_outliving_their_lots_and_committed_holds_as_consumption() -> R {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn idempotency_records_are_pruned_after_their_retention() -> R {
+    use billing::ledger::sweeper;
+    for backend in backends() {
+        let clock = ManualClock::new(Utc::now());
+        let t = TestServer::start_with(backend, &[], Arc::new(clock.clone())).await;
+        let mut c = Clients::new(&t).await;
+        c.grant("acme", 10 * CREDIT, None, clock.now()).await;
+        let first = c.consume("acme", "ai_tokens", 500_000, "p").await?;
+        assert!(
+            c.consume("acme", "ai_tokens", 500_000, "p")
+                .await?
+                .duplicate
+        );
+        let ledger = &t.server.state.ledger;
+        assert_eq!(sweeper::prune_idempotency(ledger).await?, 0, "still kept");
+        clock.advance(sweeper::IDEMPOTENCY_RETENTION + TimeDelta::seconds(1));
+        assert_eq!(sweeper::prune_idempotency(ledger).await?, 1);
+        // Past the retention the key is a new request.
+        let again = c.consume("acme", "ai_tokens", 500_000, "p").await?;
+        assert!(!again.duplicate);
+        assert_ne!(again.transaction_id, first.transaction_id);
+        assert_eq!(again.balance_micros, 8 * CREDIT);
+        invariants::check(&t.server.state.db, clock.now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}

@@ -4,7 +4,14 @@
 //! never count expired lots or holds, so this task is what turns the expired
 //! credits of quiet organizations into `expiry` ledger rows (and releases
 //! their expired holds). It finds them with two indexed queries and hands
-//! each organization to the ledger as an ordinary write.
+//! each organization to the ledger as an ordinary write. An organization
+//! whose sweep fails is logged and skipped until the next round; the
+//! others are still swept. Holds of zero credits hold nothing and are left
+//! to expire by the clock alone (reads never count them), so they never
+//! keep this task busy.
+//!
+//! It also prunes idempotency records older than [`IDEMPOTENCY_RETENTION`]:
+//! a key replayed after that long is a new request.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -13,12 +20,18 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Ledger, model::LotKind};
 use crate::{
-    entities::{credit_lot, reservation},
+    entities::{credit_lot, idempotency_record, reservation},
     error::Result,
 };
 
 /// How often quiet organizations are swept.
 pub const INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long an idempotency key is remembered (7 days).
+pub const IDEMPOTENCY_RETENTION: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
+/// Records deleted per statement, so pruning never holds a long write.
+const PRUNE_CHUNK: u64 = 1000;
 
 /// Sweeps every organization that has expired credits or holds now.
 /// Returns how many organizations were swept.
@@ -43,15 +56,50 @@ pub async fn sweep_all(ledger: &Ledger) -> Result<usize> {
             .column(reservation::Column::OrgId)
             .distinct()
             .filter(reservation::Column::Status.eq("open"))
+            .filter(reservation::Column::HeldMicros.gt(0))
             .filter(reservation::Column::ExpiresAt.lte(now))
             .into_tuple::<i64>()
             .all(db)
             .await?,
     );
+    let mut swept = 0;
     for org in &orgs {
-        ledger.sweep_org(*org).await?;
+        match ledger.sweep_org(*org).await {
+            Ok(()) => swept += 1,
+            Err(e) => tracing::warn!(org_id = org, error = %e, "could not sweep organization"),
+        }
     }
-    Ok(orgs.len())
+    Ok(swept)
+}
+
+/// Deletes idempotency records older than [`IDEMPOTENCY_RETENTION`], a
+/// chunk at a time. Returns how many were deleted.
+pub async fn prune_idempotency(ledger: &Ledger) -> Result<u64> {
+    let cutoff = ledger.now() - IDEMPOTENCY_RETENTION;
+    let db = ledger.db();
+    let mut deleted = 0;
+    loop {
+        let ids: Vec<i64> = idempotency_record::Entity::find()
+            .select_only()
+            .column(idempotency_record::Column::Id)
+            .filter(idempotency_record::Column::CreatedAt.lt(cutoff))
+            .limit(PRUNE_CHUNK)
+            .into_tuple()
+            .all(db)
+            .await?;
+        if ids.is_empty() {
+            return Ok(deleted);
+        }
+        let n = ids.len() as u64;
+        deleted += idempotency_record::Entity::delete_many()
+            .filter(idempotency_record::Column::Id.is_in(ids))
+            .exec(db)
+            .await?
+            .rows_affected;
+        if n < PRUNE_CHUNK {
+            return Ok(deleted);
+        }
+    }
 }
 
 /// Runs [`sweep_all`] every [`INTERVAL`] until `shutdown`.
@@ -66,6 +114,11 @@ pub fn spawn(ledger: Ledger, shutdown: CancellationToken) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(organizations = n, "booked expired credits and holds"),
                 Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+            }
+            match prune_idempotency(&ledger).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(records = n, "pruned old idempotency records"),
+                Err(e) => tracing::warn!(error = %e, "idempotency pruning failed"),
             }
         }
     });

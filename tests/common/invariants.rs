@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use billing::entities::{
-    credit_lot, ledger_transaction, lot_allocation, organization, reservation,
+    credit_lot, ledger_monthly, ledger_transaction, lot_allocation, organization, reservation,
 };
 use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseConnection, EntityTrait, QueryOrder};
@@ -23,6 +23,7 @@ pub async fn check(db: &DatabaseConnection, now: DateTime<Utc>) {
         .unwrap();
     let allocations = lot_allocation::Entity::find().all(db).await.unwrap();
     let holds = reservation::Entity::find().all(db).await.unwrap();
+    check_monthly(db, &txs).await;
 
     let mut alloc_by_tx: HashMap<&str, i64> = HashMap::new();
     let mut alloc_by_lot: HashMap<i64, i64> = HashMap::new();
@@ -134,4 +135,43 @@ pub async fn rows_by_org(
         out.entry(names[&t.org_id].clone()).or_default().push(t);
     }
     out
+}
+
+/// `ledger_monthly` holds, per organization, month and bucket, the sums of
+/// the ledger rows' credits and debits. A row's bucket is its type, except
+/// a committed hold (`reservation`), summed as usage of its meter.
+async fn check_monthly(db: &DatabaseConnection, txs: &[ledger_transaction::Model]) {
+    let mut expected: HashMap<(i64, String, String), (i64, i64)> = HashMap::new();
+    for t in txs {
+        let bucket = match (t.kind.as_str(), t.meter.as_deref()) {
+            ("reservation", Some("ai_tokens")) => "ai_usage".to_owned(),
+            ("reservation", Some("storage_egress")) => "storage_egress".to_owned(),
+            (kind, _) => kind.to_owned(),
+        };
+        let month = t.created_at.format("%Y-%m").to_string();
+        let sums = expected.entry((t.org_id, month, bucket)).or_default();
+        if t.amount_micros >= 0 {
+            sums.0 += t.amount_micros;
+        } else {
+            sums.1 -= t.amount_micros;
+        }
+    }
+    let stored: HashMap<(i64, String, String), (i64, i64)> = ledger_monthly::Entity::find()
+        .all(db)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.credit_micros != 0 || m.debit_micros != 0)
+        .map(|m| {
+            (
+                (m.org_id, m.month, m.kind),
+                (m.credit_micros, m.debit_micros),
+            )
+        })
+        .collect();
+    expected.retain(|_, sums| *sums != (0, 0));
+    assert_eq!(
+        stored, expected,
+        "ledger_monthly != sums of the ledger rows"
+    );
 }
