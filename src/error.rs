@@ -17,7 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The `ErrorInfo.domain` of every billing error.
 pub const DOMAIN: &str = "billing";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// Bad input; `field` names what is wrong (a JSON/proto field name).
     #[error("{field}: {message}")]

@@ -413,3 +413,178 @@ async fn a_write_committed_under_the_lock_is_seen() {
     other.close().await.expect("close");
     server.stop().await;
 }
+
+/// PostgreSQL restarts, fails over or terminates sessions under load: the
+/// writer reconnects, callers see UNAVAILABLE (never INTERNAL), no
+/// acknowledged write is lost and none is applied twice, and no request
+/// sent once is answered as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_database_sessions_lose_and_double_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let server = common::TestServer::start(Backend::Postgres).await;
+    let admin = server.token(Role::Admin, "ops");
+    let service = server.token(Role::Service, "internal");
+    let channel = server.channel().await;
+    let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    for org in ORGS {
+        admin_client
+            .manual_adjust(authed(
+                &admin,
+                pb::ManualAdjustRequest {
+                    org_id: org.into(),
+                    amount_micros: 1_000_000 * CREDIT,
+                    reason: "initial".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("grant");
+    }
+
+    // What each request was told: Ok(answer) or the status code.
+    type Told = Vec<(String, &'static str, Result<bool, tonic::Code>)>;
+    let told: Arc<Mutex<Told>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for id in 0..16 {
+        let (channel, told, stop) = (channel.clone(), told.clone(), stop.clone());
+        let (service, admin) = (service.clone(), admin.clone());
+        callers.push(tokio::spawn(async move {
+            let mut usage = pb::usage_service_client::UsageServiceClient::new(channel.clone());
+            let mut adm = pb::admin_service_client::AdminServiceClient::new(channel);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let org = ORGS[n % ORGS.len()];
+                let key = format!("c{id}-{n}");
+                let (kind, result) = if n % 5 == 0 {
+                    // A keyless adjustment: its unique reason finds its row.
+                    let r = adm
+                        .manual_adjust(authed(
+                            &admin,
+                            pb::ManualAdjustRequest {
+                                org_id: org.into(),
+                                amount_micros: -CREDIT,
+                                reason: key.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await;
+                    ("manual", r.map(|r| r.into_inner().duplicate))
+                } else {
+                    let r = usage
+                        .consume(authed(
+                            &service,
+                            pb::ConsumeRequest {
+                                org_id: org.into(),
+                                meter: "storage_egress".into(),
+                                quantity: 1_000_000_000,
+                                idempotency_key: key.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await;
+                    ("consume", r.map(|r| r.into_inner().duplicate))
+                };
+                let result = result.map_err(|s| s.code());
+                told.lock().expect("told").push((key, kind, result));
+            }
+        }));
+    }
+
+    // Terminate every other session of the database, again and again.
+    let killer = sea_orm::Database::connect(&server.db.url)
+        .await
+        .expect("connect");
+    let kill = "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+                WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    let mut killed = 0;
+    for _ in 0..12 {
+        // Let some writes through between the kills.
+        let before = told.lock().expect("told").len();
+        while told.lock().expect("told").len() < before + 40 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let row = killer
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                kill,
+            ))
+            .await
+            .expect("terminate")
+            .expect("a row");
+        killed += row.try_get::<i64>("", "n").expect("count");
+    }
+    // And the service recovers: writes succeed again.
+    let after = told.lock().expect("told").len();
+    loop {
+        let told = told.lock().expect("told");
+        if told[after..].iter().filter(|t| t.2.is_ok()).count() >= 50 {
+            break;
+        }
+        drop(told);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.expect("caller");
+    }
+    assert!(killed > 0, "no session was terminated");
+
+    let rows = invariants::rows_by_org(&server.server.state.db).await;
+    let mut by_request: HashMap<String, usize> = HashMap::new();
+    for row in rows.values().flatten() {
+        let name = match row.kind.as_str() {
+            "storage_egress" => row.reference_id.clone(),
+            "manual" if row.description != "initial" => Some(row.description.clone()),
+            _ => None,
+        };
+        if let Some(name) = name {
+            *by_request.entry(name).or_default() += 1;
+        }
+    }
+    let told = told.lock().expect("told");
+    let mut unknown = 0;
+    for (key, kind, result) in told.iter() {
+        let applied = by_request.get(key).copied().unwrap_or(0);
+        match result {
+            Ok(duplicate) => {
+                assert!(
+                    !duplicate,
+                    "{kind} {key} was sent once but answered as a duplicate"
+                );
+                assert_eq!(
+                    applied, 1,
+                    "{kind} {key} was acknowledged but applied {applied} times"
+                );
+            }
+            Err(tonic::Code::Unavailable) => {
+                unknown += 1;
+                assert!(applied <= 1, "{kind} {key} applied {applied} times");
+            }
+            Err(code) => {
+                panic!("{kind} {key}: {code:?}; a lost connection must answer UNAVAILABLE")
+            }
+        }
+    }
+    assert_eq!(
+        by_request.len(),
+        by_request
+            .keys()
+            .filter(|k| told.iter().any(|t| &t.0 == *k))
+            .count(),
+        "a write nobody asked for"
+    );
+    eprintln!(
+        "{} requests, {killed} sessions terminated, {unknown} answered UNAVAILABLE",
+        told.len()
+    );
+    drop(told);
+    invariants::check(&server.server.state.db, Utc::now()).await;
+    killer.close().await.expect("close");
+    server.stop().await;
+}

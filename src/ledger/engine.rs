@@ -639,7 +639,8 @@ impl Worker {
                     }
                     each
                 }
-                Err(e) => vec![Err(e)],
+                // The same answer for every operation of the batch.
+                Err(e) => prepared.iter().map(|_| Err(e.clone())).collect(),
             };
             for (slot, outcome) in slots.into_iter().zip(outcomes) {
                 results[slot] = Some(outcome);
