@@ -522,11 +522,13 @@ async fn terminated_database_sessions_lose_and_double_nothing() {
     // And the service recovers: writes succeed again.
     let after = told.lock().expect("told").len();
     loop {
-        let told = told.lock().expect("told");
-        if told[after..].iter().filter(|t| t.2.is_ok()).count() >= 50 {
+        let recovered = {
+            let told = told.lock().expect("told");
+            told[after..].iter().filter(|t| t.2.is_ok()).count() >= 50
+        };
+        if recovered {
             break;
         }
-        drop(told);
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -547,7 +549,7 @@ async fn terminated_database_sessions_lose_and_double_nothing() {
             *by_request.entry(name).or_default() += 1;
         }
     }
-    let told = told.lock().expect("told");
+    let told: Told = std::mem::take(&mut *told.lock().expect("told"));
     let mut unknown = 0;
     for (key, kind, result) in told.iter() {
         let applied = by_request.get(key).copied().unwrap_or(0);
@@ -583,8 +585,65 @@ async fn terminated_database_sessions_lose_and_double_nothing() {
         "{} requests, {killed} sessions terminated, {unknown} answered UNAVAILABLE",
         told.len()
     );
-    drop(told);
     invariants::check(&server.server.state.db, Utc::now()).await;
     killer.close().await.expect("close");
+    server.stop().await;
+}
+
+/// A caller's deadline (`grpc-timeout`) is honoured even while the writer
+/// waits on a lock held elsewhere: the call ends with DEADLINE_EXCEEDED or
+/// CANCELLED instead of waiting for the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_is_honoured_while_the_writer_waits() {
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let server = common::TestServer::start(Backend::Postgres).await;
+    let admin = server.token(Role::Admin, "ops");
+    let service = server.token(Role::Service, "internal");
+    let channel = server.channel().await;
+    let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    admin_client
+        .manual_adjust(authed(
+            &admin,
+            pb::ManualAdjustRequest {
+                org_id: "slow".into(),
+                amount_micros: 5 * CREDIT,
+                reason: "initial".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("grant");
+    let other = sea_orm::Database::connect(&server.db.url)
+        .await
+        .expect("connect");
+    let txn = other.begin().await.expect("begin");
+    txn.execute_unprepared("SELECT id FROM organizations WHERE external_id = 'slow' FOR UPDATE")
+        .await
+        .expect("lock");
+
+    let mut usage = pb::usage_service_client::UsageServiceClient::new(channel);
+    let mut request = authed(
+        &service,
+        pb::ConsumeRequest {
+            org_id: "slow".into(),
+            meter: "storage_egress".into(),
+            quantity: 1,
+            idempotency_key: "in-a-hurry".into(),
+            ..Default::default()
+        },
+    );
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let err = usage.consume(request).await.expect_err("the lock is held");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    txn.commit().await.expect("unlock");
+    other.close().await.expect("close");
     server.stop().await;
 }
