@@ -1119,3 +1119,22 @@ async fn idempotency_records_are_pruned_after_their_retention() -> R {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn organizations_can_be_created_outside_the_writer() -> R {
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let ledger = &t.server.state.ledger;
+        let id = ledger.ensure_org("new-org").await?;
+        assert_eq!(ledger.ensure_org("new-org").await?, id, "created once");
+        assert_eq!(ledger.org_id("new-org").await?, Some(id));
+        let mut c = Clients::new(&t).await;
+        assert_eq!(
+            c.grant("new-org", 2 * CREDIT, None, Utc::now()).await,
+            2 * CREDIT
+        );
+        invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}

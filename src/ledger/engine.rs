@@ -46,6 +46,7 @@ use super::{
     AdjustInput, AdjustOutcome, CommitInput, CommitOutcome, ConsumeInput, ConsumeOutcome,
     GrantInput, GrantOutcome, HoldAmount, Rates, ReleaseInput, ReleaseOutcome, ReserveInput,
     ReserveOutcome,
+    balance::BalanceCache,
     model::{Book, EntryDetails, Hold, HoldStatus, Lot, LotKind, LotRef},
     store::{
         self, Allocation, FinishedHold, IdemRow, KeyRef, LotUpdate, MonthlyRow, NewLot, OrgRow,
@@ -54,7 +55,7 @@ use super::{
 };
 use crate::{
     clock::SharedClock,
-    entities::{admin_audit, credit_lot, ledger_transaction, organization, reservation},
+    entities::{admin_audit, ledger_transaction, organization, reservation},
     error::{Error, Result},
 };
 
@@ -136,55 +137,11 @@ struct Inner {
     rates: RwLock<Arc<Rates>>,
     orgs: RwLock<HashMap<String, i64>>,
     /// Balances read recently, exact because this process is the only
-    /// writer (SQLite only; see [`super::reads::balance`]).
+    /// writer (SQLite only; see [`super::reads::balance`] and [`BalanceCache`]).
     pub(crate) balances: Option<std::sync::Mutex<BalanceCache>>,
     /// SQLite has one writer: every write transaction of this process holds
     /// this lock, so none ever meets "database is locked".
     write_lock: Option<Mutex<()>>,
-}
-
-/// Per organization: a version bumped by every write transaction, and the
-/// balance last read at that version with the instant it stops being true
-/// (the next expiry of a lot or hold, or the month's end).
-#[derive(Default)]
-pub(crate) struct BalanceCache {
-    entries: HashMap<i64, (u64, Option<CachedBalance>)>,
-}
-
-/// A balance and the instant it stops being true.
-type CachedBalance = (super::reads::Balance, DateTime<Utc>);
-
-impl BalanceCache {
-    pub(crate) fn version(&self, org: i64) -> u64 {
-        self.entries.get(&org).map_or(0, |e| e.0)
-    }
-
-    pub(crate) fn get(&self, org: i64, now: DateTime<Utc>) -> Option<super::reads::Balance> {
-        match self.entries.get(&org) {
-            Some((_, Some((balance, until)))) if now < *until => Some(balance.clone()),
-            _ => None,
-        }
-    }
-
-    /// Keeps `balance` only if no write happened since `version` was read.
-    pub(crate) fn put(
-        &mut self,
-        org: i64,
-        version: u64,
-        balance: super::reads::Balance,
-        until: DateTime<Utc>,
-    ) {
-        let entry = self.entries.entry(org).or_insert((0, None));
-        if entry.0 == version {
-            entry.1 = Some((balance, until));
-        }
-    }
-
-    fn invalidate(&mut self, org: i64) {
-        let entry = self.entries.entry(org).or_insert((0, None));
-        entry.0 += 1;
-        entry.1 = None;
-    }
 }
 
 /// The ledger's write side and its caches. Cheap to clone.
@@ -463,6 +420,80 @@ impl Ledger {
         self.submit(Op::Sweep(org_id)).await.map(|_| ())
     }
 
+    /// The row id of organization `external_id`, creating it if needed,
+    /// outside the writer: for capabilities that need an organization row
+    /// before any ledger operation (a payment's customer, an order).
+    pub async fn ensure_org(&self, external_id: &str) -> Result<i64> {
+        let ids = BTreeSet::from([external_id.to_owned()]);
+        self.ensure_orgs_on(&self.inner.db, &ids)
+            .await?
+            .remove(external_id)
+            .ok_or_else(|| Error::internal(format!("organization {external_id} was not created")))
+    }
+
+    /// Row ids of `external_ids`, creating the organizations that do not
+    /// exist yet (an organization is created on first use), on `db`.
+    async fn ensure_orgs_on(
+        &self,
+        db: &DatabaseConnection,
+        external_ids: &BTreeSet<String>,
+    ) -> Result<HashMap<String, i64>> {
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        if let Ok(cache) = self.inner.orgs.read() {
+            for ext in external_ids {
+                match cache.get(ext) {
+                    Some(id) => {
+                        found.insert(ext.clone(), *id);
+                    }
+                    None => missing.push(ext.clone()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let now = self.now();
+        {
+            let _guard = match &self.inner.write_lock {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
+            organization::Entity::insert_many(missing.iter().map(|ext| {
+                organization::ActiveModel {
+                    external_id: Set(ext.clone()),
+                    balance_micros: Set(0),
+                    held_micros: Set(0),
+                    ledger_seq: Set(0),
+                    stripe_customer_id: Set(None),
+                    creem_customer_id: Set(None),
+                    last_purchase_attempt_at: Set(None),
+                    created_at: Set(now),
+                    updated_at: Set(now),
+                    ..Default::default()
+                }
+            }))
+            .on_conflict(
+                OnConflict::column(organization::Column::ExternalId)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await?;
+        }
+        let rows = organization::Entity::find()
+            .filter(organization::Column::ExternalId.is_in(missing))
+            .all(db)
+            .await?;
+        if let Ok(mut cache) = self.inner.orgs.write() {
+            for row in rows {
+                cache.insert(row.external_id.clone(), row.id);
+                found.insert(row.external_id, row.id);
+            }
+        }
+        Ok(found)
+    }
+
     /// The row id of organization `external_id`, if it exists.
     pub async fn org_id(&self, external_id: &str) -> Result<Option<i64>> {
         self.org_id_on(&self.inner.db, external_id).await
@@ -506,63 +537,10 @@ impl std::ops::Deref for Worker {
 }
 
 impl Worker {
-    /// Row ids of `external_ids`, creating the organizations that do not
-    /// exist yet (an organization is created on first use).
+    /// Row ids of `external_ids` (created on first use), through this
+    /// worker's pool.
     async fn ensure_orgs(&self, external_ids: &BTreeSet<String>) -> Result<HashMap<String, i64>> {
-        let mut found = HashMap::new();
-        let mut missing = Vec::new();
-        if let Ok(cache) = self.inner.orgs.read() {
-            for ext in external_ids {
-                match cache.get(ext) {
-                    Some(id) => {
-                        found.insert(ext.clone(), *id);
-                    }
-                    None => missing.push(ext.clone()),
-                }
-            }
-        }
-        if missing.is_empty() {
-            return Ok(found);
-        }
-        let now = self.now();
-        {
-            let _guard = match &self.inner.write_lock {
-                Some(lock) => Some(lock.lock().await),
-                None => None,
-            };
-            organization::Entity::insert_many(missing.iter().map(|ext| {
-                organization::ActiveModel {
-                    external_id: Set(ext.clone()),
-                    balance_micros: Set(0),
-                    held_micros: Set(0),
-                    ledger_seq: Set(0),
-                    stripe_customer_id: Set(None),
-                    creem_customer_id: Set(None),
-                    last_purchase_attempt_at: Set(None),
-                    created_at: Set(now),
-                    updated_at: Set(now),
-                    ..Default::default()
-                }
-            }))
-            .on_conflict(
-                OnConflict::column(organization::Column::ExternalId)
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&self.db)
-            .await?;
-        }
-        let rows = organization::Entity::find()
-            .filter(organization::Column::ExternalId.is_in(missing))
-            .all(&self.db)
-            .await?;
-        if let Ok(mut cache) = self.inner.orgs.write() {
-            for row in rows {
-                cache.insert(row.external_id.clone(), row.id);
-                found.insert(row.external_id, row.id);
-            }
-        }
-        Ok(found)
+        self.ledger.ensure_orgs_on(&self.db, external_ids).await
     }
 
     async fn work(mut self, shutdown: CancellationToken) {
@@ -906,21 +884,6 @@ impl From<DbErr> for BatchError {
     }
 }
 
-/// A stored lot row as the model sees it; `None` for an unknown kind.
-pub(super) fn stored_lot(row: credit_lot::Model) -> Option<Lot> {
-    Some(Lot {
-        id: LotRef::Stored(row.id),
-        kind: LotKind::parse(&row.kind)?,
-        allocated: row.allocated_micros,
-        remaining: row.remaining_micros,
-        expires_at: row.expires_at,
-        created_at: row.created_at,
-        source_type: row.source_type,
-        source_id: row.source_id,
-        dirty: false,
-    })
-}
-
 /// The `ledger_monthly` bucket of a ledger row: its type, except that a
 /// committed hold is usage of its meter and is summed with that meter's
 /// `Consume` rows (consumption by meter reads one bucket per meter).
@@ -966,7 +929,9 @@ async fn apply_batch(
             .filter_map(|p| match &p.op {
                 Op::Commit(i) => Some(i.reservation_id.clone()),
                 Op::Release(i) => Some(i.reservation_id.clone()),
-                _ => None,
+                Op::Consume(_) | Op::Reserve(_) | Op::Adjust(_) | Op::Grant(_) | Op::Sweep(_) => {
+                    None
+                }
             })
             .collect(),
         keys: ops
@@ -986,7 +951,12 @@ async fn apply_batch(
                     source_type: i.source_type.clone(),
                     source_id,
                 }),
-                _ => None,
+                Op::Consume(_)
+                | Op::Reserve(_)
+                | Op::Commit(_)
+                | Op::Release(_)
+                | Op::Adjust(_)
+                | Op::Sweep(_) => None,
             })
             .collect(),
         now,
@@ -1008,7 +978,7 @@ async fn apply_batch(
     for l in loaded.lots {
         let org_id = l.org_id;
         let (id, kind) = (l.id, l.kind.clone());
-        let lot = stored_lot(l).ok_or_else(|| {
+        let lot = store::stored_lot(l).ok_or_else(|| {
             BatchError::Rule(Error::internal(format!("lot {id} has unknown kind {kind}")))
         })?;
         lots_by_org.entry(org_id).or_default().push(lot);

@@ -17,6 +17,7 @@
 //! (SQLite); idempotency keys, ledger sequence numbers and lot sources are
 //! unique; lots and balances cannot go below zero.
 
+mod balance;
 pub mod engine;
 pub mod model;
 mod rates;

@@ -74,24 +74,7 @@ fn placeholders(backend: DbBackend, sql: &str) -> String {
     out
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Balance {
-    /// The committed ledger balance (live lots).
-    pub stored: i64,
-    /// Credits held by open, unexpired reservations.
-    pub realtime: i64,
-    /// Usage this calendar month, by meter.
-    pub storage_egress: i64,
-    pub ai_tokens: i64,
-    pub period_start: DateTime<Utc>,
-}
-
-impl Balance {
-    /// What can be spent now (never negative).
-    pub fn available(&self) -> i64 {
-        (self.stored - self.realtime).max(0)
-    }
-}
+pub use super::balance::Balance;
 
 const BALANCE_SQL: &str = "SELECT o.balance_micros AS balance, o.held_micros AS held, \
   CAST(COALESCE((SELECT SUM(l.remaining_micros) FROM credit_lots l \
@@ -354,7 +337,7 @@ pub async fn credit_info(ledger: &Ledger, org: &str) -> Result<CreditInfo> {
             .await?;
         let mut model_lots: Vec<super::model::Lot> = rows
             .into_iter()
-            .filter_map(super::engine::stored_lot)
+            .filter_map(super::store::stored_lot)
             .collect();
         model_lots.sort_by(super::model::spend_order);
         lots = model_lots

@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
 use serde::Serialize;
 
+use super::model::{Lot, LotKind, LotRef};
 use crate::entities::{admin_audit, credit_lot, ledger_transaction, reservation};
 
 /// An organization's row as a batch locks it (and as it writes it back).
@@ -160,6 +161,21 @@ impl Rows {
 /// maximal grants must not make every later write of the organization fail.
 fn saturating_sum(a: &str, b: &str) -> String {
     format!("CASE WHEN {a} > 9223372036854775807 - {b} THEN 9223372036854775807 ELSE {a} + {b} END")
+}
+
+/// A stored lot row as the model sees it; `None` for an unknown kind.
+pub(in crate::ledger) fn stored_lot(row: credit_lot::Model) -> Option<Lot> {
+    Some(Lot {
+        id: LotRef::Stored(row.id),
+        kind: LotKind::parse(&row.kind)?,
+        allocated: row.allocated_micros,
+        remaining: row.remaining_micros,
+        expires_at: row.expires_at,
+        created_at: row.created_at,
+        source_type: row.source_type,
+        source_id: row.source_id,
+        dirty: false,
+    })
 }
 
 fn is_postgres(txn: &DatabaseTransaction) -> bool {
