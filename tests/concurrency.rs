@@ -315,28 +315,57 @@ async fn concurrent_callers_never_lose_or_double_count() {
 /// (a plain transaction) spends one credit of the only lot while holding
 /// the lock, and the service's next charge must start from what it left.
 /// Only PostgreSQL has this race (SQLite has one writer).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_committed_under_the_lock_is_seen() {
+/// A PostgreSQL server whose `orgs` were granted `amount` each, with
+/// tokens and a channel; `None` when the run has no PostgreSQL.
+struct Granted {
+    server: common::TestServer,
+    admin: String,
+    service: String,
+    channel: Channel,
+}
+
+async fn postgres_server_granting(orgs: &[&str], amount: i64) -> Option<Granted> {
     if !backends().contains(&Backend::Postgres) {
-        return;
+        return None;
     }
     let server = common::TestServer::start(Backend::Postgres).await;
     let admin = server.token(Role::Admin, "ops");
     let service = server.token(Role::Service, "internal");
     let channel = server.channel().await;
     let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    admin_client
-        .manual_adjust(authed(
-            &admin,
-            pb::ManualAdjustRequest {
-                org_id: "race".into(),
-                amount_micros: 5 * CREDIT,
-                reason: "initial".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("grant");
+    for org in orgs {
+        admin_client
+            .manual_adjust(authed(
+                &admin,
+                pb::ManualAdjustRequest {
+                    org_id: (*org).into(),
+                    amount_micros: amount,
+                    reason: "initial".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("grant");
+    }
+    Some(Granted {
+        server,
+        admin,
+        service,
+        channel,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_committed_under_the_lock_is_seen() {
+    let Some(Granted {
+        server,
+        service,
+        channel,
+        ..
+    }) = postgres_server_granting(&["race"], 5 * CREDIT).await
+    else {
+        return;
+    };
 
     // The other replica: lock the organization and spend one credit of
     // its lot, as a ledger write would.
@@ -422,28 +451,15 @@ async fn a_write_committed_under_the_lock_is_seen() {
 async fn terminated_database_sessions_lose_and_double_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    if !backends().contains(&Backend::Postgres) {
+    let Some(Granted {
+        server,
+        admin,
+        service,
+        channel,
+    }) = postgres_server_granting(&ORGS, 1_000_000 * CREDIT).await
+    else {
         return;
-    }
-    let server = common::TestServer::start(Backend::Postgres).await;
-    let admin = server.token(Role::Admin, "ops");
-    let service = server.token(Role::Service, "internal");
-    let channel = server.channel().await;
-    let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    for org in ORGS {
-        admin_client
-            .manual_adjust(authed(
-                &admin,
-                pb::ManualAdjustRequest {
-                    org_id: org.into(),
-                    amount_micros: 1_000_000 * CREDIT,
-                    reason: "initial".into(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .expect("grant");
-    }
+    };
 
     // What each request was told: Ok(answer) or the status code.
     type Told = Vec<(String, &'static str, Result<bool, tonic::Code>)>;
@@ -595,26 +611,15 @@ async fn terminated_database_sessions_lose_and_double_nothing() {
 /// CANCELLED instead of waiting for the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_deadline_is_honoured_while_the_writer_waits() {
-    if !backends().contains(&Backend::Postgres) {
+    let Some(Granted {
+        server,
+        service,
+        channel,
+        ..
+    }) = postgres_server_granting(&["slow"], 5 * CREDIT).await
+    else {
         return;
-    }
-    let server = common::TestServer::start(Backend::Postgres).await;
-    let admin = server.token(Role::Admin, "ops");
-    let service = server.token(Role::Service, "internal");
-    let channel = server.channel().await;
-    let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    admin_client
-        .manual_adjust(authed(
-            &admin,
-            pb::ManualAdjustRequest {
-                org_id: "slow".into(),
-                amount_micros: 5 * CREDIT,
-                reason: "initial".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("grant");
+    };
     let other = sea_orm::Database::connect(&server.db.url)
         .await
         .expect("connect");

@@ -81,14 +81,7 @@ fn write_step() -> impl Strategy<Value = Step> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0..2usize, 1..20i64, proptest::option::of(1..7200i64))
-            .prop_map(|(org, credits, expires_in)| Step::Grant { org, credits, expires_in }),
-        4 => (0..2usize, 1..6_000_000i64, 0..6u8).prop_map(|(org, tokens, key)| Step::Consume { org, tokens, key }),
-        2 => (0..2usize, 1..10i64, 1..900i64, 0..6u8)
-            .prop_map(|(org, credits, ttl, key)| Step::Reserve { org, credits, ttl, key }),
-        2 => (0..8usize, 0..8_000_000i64).prop_map(|(pick, tokens)| Step::Commit { pick, tokens }),
-        1 => (0..8usize).prop_map(|pick| Step::Release { pick }),
-        1 => (0..2usize, 1..10i64).prop_map(|(org, credits)| Step::Debit { org, credits }),
+        13 => write_step(),
         2 => (1..3600i64).prop_map(|secs| Step::Advance { secs }),
         1 => Just(Step::Sweep),
         2 => proptest::collection::vec(write_step(), 2..8).prop_map(Step::Batch),
