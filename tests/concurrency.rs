@@ -309,12 +309,6 @@ async fn concurrent_callers_never_lose_or_double_count() {
     }
 }
 
-/// A write that another replica commits while a batch waits for the row
-/// lock is seen by that batch. The batch's lock-and-load statement reads a
-/// snapshot taken before the lock was granted; here the "other replica"
-/// (a plain transaction) spends one credit of the only lot while holding
-/// the lock, and the service's next charge must start from what it left.
-/// Only PostgreSQL has this race (SQLite has one writer).
 /// A PostgreSQL server whose `orgs` were granted `amount` each, with
 /// tokens and a channel; `None` when the run has no PostgreSQL.
 struct Granted {
@@ -355,6 +349,12 @@ async fn postgres_server_granting(orgs: &[&str], amount: i64) -> Option<Granted>
     })
 }
 
+/// A write that another replica commits while a batch waits for the row
+/// lock is seen by that batch. The batch's lock-and-load statement reads a
+/// snapshot taken before the lock was granted; here the "other replica"
+/// (a plain transaction) spends one credit of the only lot while holding
+/// the lock, and the service's next charge must start from what it left.
+/// Only PostgreSQL has this race (SQLite has one writer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_committed_under_the_lock_is_seen() {
     let Some(Granted {
