@@ -153,6 +153,24 @@ impl Model {
         (self.stored(org, now) - self.held(org, now)).max(0)
     }
 
+    /// The hold a commit or release picks among the first `holds`, with
+    /// its id and organization, that organization swept; `None` if there
+    /// is none to pick.
+    fn pick_hold(
+        &mut self,
+        pick: usize,
+        holds: usize,
+        now: DateTime<Utc>,
+    ) -> Option<(usize, String, usize)> {
+        if holds == 0 {
+            return None;
+        }
+        let i = pick % holds;
+        let (id, org) = (self.holds[i].id.clone(), self.holds[i].org);
+        self.sweep(org, now);
+        Some((i, id, org))
+    }
+
     /// What every write does first for its organization.
     fn sweep(&mut self, org: usize, now: DateTime<Utc>) {
         for lot in &mut self.lots[org] {
@@ -310,12 +328,7 @@ fn plan(
             (op, want, made)
         }
         Step::Commit { pick, tokens } => {
-            if holds == 0 {
-                return None;
-            }
-            let i = pick % holds;
-            let (id, org) = (model.holds[i].id.clone(), model.holds[i].org);
-            model.sweep(org, now);
+            let (i, id, org) = model.pick_hold(pick, holds, now)?;
             let want = if model.holds[i].open {
                 // The held part is charged as far as the stored balance
                 // goes; any excess only from what nobody holds.
@@ -344,12 +357,7 @@ fn plan(
             (op, want, None)
         }
         Step::Release { pick } => {
-            if holds == 0 {
-                return None;
-            }
-            let i = pick % holds;
-            let (id, org) = (model.holds[i].id.clone(), model.holds[i].org);
-            model.sweep(org, now);
+            let (i, id, _) = model.pick_hold(pick, holds, now)?;
             let want = if model.holds[i].open {
                 model.holds[i].open = false;
                 Answer::Released(model.holds[i].amount)

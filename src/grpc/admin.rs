@@ -6,6 +6,7 @@ use super::{convert, input, not_yet};
 use crate::{
     auth::caller,
     catalog,
+    domain::MICROS_PER_CREDIT,
     error::Error,
     ledger::{AdjustInput, model::MAX_MICROS, reads},
     pb,
@@ -100,7 +101,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 "amount",
                 format!(
                     "must be at most {} credits either way",
-                    MAX_MICROS / 1_000_000
+                    MAX_MICROS / MICROS_PER_CREDIT
                 ),
             )
             .into());

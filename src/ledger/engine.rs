@@ -323,13 +323,10 @@ impl Ledger {
     }
 
     async fn submit(&self, op: Op) -> Result<Outcome> {
-        let mut answers = self.enqueue(vec![op])?;
-        match answers.pop() {
-            Some(answer) => answer
-                .await
-                .map_err(|_| Error::Unavailable("the ledger stopped before answering".into()))?,
-            None => Err(Error::internal("no answer for the operation")),
-        }
+        self.submit_together(vec![op])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::internal("no answer for the operation")))
     }
 
     /// Runs `ops` in one batch (one transaction), in order, as if they had
@@ -861,10 +858,7 @@ impl Worker {
                     tracing::debug!(error = %e, attempt, "retrying ledger batch");
                     tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
                 }
-                Err(e) if crate::db::is_connection_error(&e) => {
-                    tracing::warn!(error = %e, "ledger database unreachable");
-                    return Err(Error::Unavailable("the database cannot be reached".into()));
-                }
+                // A lost connection becomes UNAVAILABLE here (`From<DbErr>`).
                 Err(e) => return Err(e.into()),
             }
         }

@@ -30,7 +30,7 @@ use std::cmp::Ordering;
 
 use chrono::{DateTime, Utc};
 
-use crate::error::Error;
+use crate::{domain::MICROS_PER_CREDIT, error::Error};
 
 /// The largest balance an organization may hold, and the largest single
 /// amount: 10^12 credits in micro-credits.
@@ -485,7 +485,7 @@ impl Book {
                 "amount",
                 format!(
                     "would take the balance past the limit of {} credits",
-                    MAX_MICROS / 1_000_000
+                    MAX_MICROS / MICROS_PER_CREDIT
                 ),
             ));
         }

@@ -159,8 +159,11 @@ impl Rows {
 /// `a + b` of two non-negative monthly sums, stopping at `i64::MAX`
 /// instead of overflowing: the sums are statistics, and a month of
 /// maximal grants must not make every later write of the organization fail.
+/// (The PostgreSQL write statement spells the same expression in its fixed
+/// text.)
 fn saturating_sum(a: &str, b: &str) -> String {
-    format!("CASE WHEN {a} > 9223372036854775807 - {b} THEN 9223372036854775807 ELSE {a} + {b} END")
+    let max = i64::MAX;
+    format!("CASE WHEN {a} > {max} - {b} THEN {max} ELSE {a} + {b} END")
 }
 
 /// A stored lot row as the model sees it; `None` for an unknown kind.
