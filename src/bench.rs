@@ -2,11 +2,20 @@
 //!
 //! Starts the service in-process on `127.0.0.1:0` (or targets a running
 //! one), gives each benchmark organization plenty of credits, then drives
-//! `UsageService.Consume` (or `CreditsService.GetBalance`) from N concurrent
-//! clients over M organizations for T seconds and prints throughput and
-//! latency percentiles. On PostgreSQL it also runs pgbench's built-in TPC-B
-//! script against a scratch database of the same server and prints both
-//! figures and their ratio.
+//! each chosen workload from N concurrent callers over M organizations for
+//! T seconds and prints throughput and latency percentiles. The callers
+//! share `--connections` HTTP/2 connections (default: one each); a list of
+//! connection counts runs every workload once per count, which is how
+//! callers really call (a tonic `Channel` multiplexes every call on one
+//! connection).
+//!
+//! On PostgreSQL it first runs pgbench's built-in TPC-B script against a
+//! scratch database of the same server, initialised at a scale of at least
+//! the caller count (pgbench's documentation asks for it: at scale 1 every
+//! transaction updates the one branch row and pgbench measures lock
+//! contention). At the end it prints the ratios the README reports:
+//! `Consume` / pgbench, `GetBalance` / health check and `CheckAllowance` /
+//! health check, each for every connection count.
 
 use std::{
     process::Command,
@@ -30,20 +39,42 @@ use crate::{
 pub enum Workload {
     /// `UsageService.Consume`, unique idempotency keys.
     Consume,
+    /// `UsageService.CheckAllowance`.
+    Allowance,
     /// `CreditsService.GetBalance`.
     Balance,
+    /// `grpc.health.v1.Health/Check`: the floor a read is compared with.
+    Health,
+}
+
+impl Workload {
+    fn method(self) -> &'static str {
+        match self {
+            Self::Consume => "Consume",
+            Self::Allowance => "CheckAllowance",
+            Self::Balance => "GetBalance",
+            Self::Health => "Health/Check",
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    pub workload: Workload,
-    /// Concurrent clients (each its own HTTP/2 connection).
+    /// Workloads to run, in order (default: consume, allowance, balance,
+    /// health).
+    #[arg(value_delimiter = ',')]
+    pub workloads: Vec<Workload>,
+    /// Concurrent callers.
     #[arg(long, default_value_t = 32)]
     pub clients: usize,
+    /// HTTP/2 connections the callers share, round robin; a comma list runs
+    /// every workload once per count (default: one connection per caller).
+    #[arg(long, value_delimiter = ',')]
+    pub connections: Vec<usize>,
     /// Organizations the load is spread over.
     #[arg(long, default_value_t = 8)]
     pub orgs: usize,
-    /// Seconds of measured load (after 2 s of warm-up).
+    /// Seconds of measured load per run (after 2 s of warm-up).
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// Database of the in-process server (default: a fresh SQLite file).
@@ -57,6 +88,9 @@ pub struct BenchArgs {
     /// Skip the pgbench comparison on PostgreSQL.
     #[arg(long)]
     pub no_pgbench: bool,
+    /// pgbench's scale factor (default and minimum: the caller count).
+    #[arg(long)]
+    pub pgbench_scale: Option<usize>,
 }
 
 struct Figures {
@@ -80,9 +114,37 @@ impl Figures {
     }
 }
 
+/// One workload at one connection count.
+struct Run {
+    workload: Workload,
+    connections: usize,
+    figures: Figures,
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.orgs == 0 || args.seconds == 0 {
         bail!("--clients, --orgs and --seconds must be at least 1");
+    }
+    let workloads = if args.workloads.is_empty() {
+        vec![
+            Workload::Consume,
+            Workload::Allowance,
+            Workload::Balance,
+            Workload::Health,
+        ]
+    } else {
+        args.workloads.clone()
+    };
+    let connections = if args.connections.is_empty() {
+        vec![args.clients]
+    } else {
+        args.connections.clone()
+    };
+    if let Some(bad) = connections.iter().find(|&&c| c == 0 || c > args.clients) {
+        bail!(
+            "--connections: {bad} is not between 1 and --clients ({})",
+            args.clients
+        );
     }
     let secret = std::env::var("BILLING_JWT_SECRET")
         .ok()
@@ -127,8 +189,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "sqlite"
     };
     println!(
-        "billing bench {:?}: {} clients, {} orgs, {} s, {backend}, server {url}",
-        args.workload, args.clients, args.orgs, args.seconds
+        "billing bench: {} callers over {} orgs, connections {connections:?}, {} s per run, {backend}, server {url}",
+        args.clients, args.orgs, args.seconds
     );
 
     let run_id = uuid::Uuid::new_v4().simple().to_string();
@@ -155,38 +217,85 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .context("granting benchmark credits")?;
     }
 
+    let scale = args.pgbench_scale.unwrap_or(args.clients).max(args.clients);
     let pgbench = if backend == "postgres" && !args.no_pgbench {
-        Some(pgbench(&database_url, args.clients, args.seconds).await?)
+        Some(pgbench(&database_url, args.clients, scale, args.seconds).await?)
     } else {
         None
     };
 
-    let figures = drive(&url, &keys, &orgs, &args).await?;
     println!(
-        "{:?}: {} calls in {:.1} s = {:.0} calls/s; latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms; {} errors",
-        args.workload,
-        figures.calls,
-        figures.seconds,
-        figures.rate(),
-        figures.percentile(0.50),
-        figures.percentile(0.99),
-        figures.percentile(0.999),
-        figures.errors
+        "{:<15} {:>5} {:>9} {:>11} {:>9} {:>9} {:>9} {:>7}",
+        "workload", "conns", "calls", "calls/s", "p50 ms", "p99 ms", "p999 ms", "errors"
     );
+    let mut runs = Vec::new();
+    for &conns in &connections {
+        for &workload in &workloads {
+            let figures = drive(&url, &keys, &orgs, &args, workload, conns).await?;
+            println!(
+                "{:<15} {:>5} {:>9} {:>11.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+                workload.method(),
+                conns,
+                figures.calls,
+                figures.rate(),
+                figures.percentile(0.50),
+                figures.percentile(0.99),
+                figures.percentile(0.999),
+                figures.errors
+            );
+            runs.push(Run {
+                workload,
+                connections: conns,
+                figures,
+            });
+        }
+    }
     if let Some(tps) = pgbench {
         println!(
-            "pgbench TPC-B (-c {} -j 2 -T {}): {tps:.0} tps; {:?} / pgbench = {:.2}x",
-            args.clients,
-            args.seconds,
-            args.workload,
-            figures.rate() / tps
+            "pgbench TPC-B (-i -s {scale}; -c {} -j 2 -T {}): {tps:.0} tps",
+            args.clients, args.seconds
         );
     }
+    print_ratios(&runs, pgbench);
     if let Some(server) = server {
         server.shutdown().await?;
     }
     let _ = std::fs::remove_file(&scratch);
     Ok(())
+}
+
+/// The ratios the README reports, per connection count.
+fn print_ratios(runs: &[Run], pgbench: Option<f64>) {
+    let find = |workload: Workload, connections: usize| {
+        runs.iter()
+            .find(|r| r.workload == workload && r.connections == connections)
+            .map(|r| &r.figures)
+    };
+    for run in runs {
+        let c = run.connections;
+        let f = &run.figures;
+        match run.workload {
+            Workload::Consume => {
+                if let Some(tps) = pgbench {
+                    println!(
+                        "ratio Consume / pgbench TPC-B, {c} connections: {:.2}x (p99 {:.2} ms)",
+                        f.rate() / tps,
+                        f.percentile(0.99)
+                    );
+                }
+            }
+            Workload::Allowance | Workload::Balance => {
+                if let Some(health) = find(Workload::Health, c) {
+                    println!(
+                        "ratio {} / health check, {c} connections: {:.2}x",
+                        run.workload.method(),
+                        f.rate() / health.rate()
+                    );
+                }
+            }
+            Workload::Health => {}
+        }
+    }
 }
 
 async fn connect(url: &str) -> anyhow::Result<Channel> {
@@ -197,32 +306,46 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot reach {url}"))
 }
 
+/// `clients` callers over `connections` connections (round robin) for the
+/// configured time; each caller waits for its answer before its next call.
 async fn drive(
     url: &str,
     keys: &JwtKeys,
     orgs: &[String],
     args: &BenchArgs,
+    workload: Workload,
+    connections: usize,
 ) -> anyhow::Result<Figures> {
     let now = chrono::Utc::now().timestamp();
-    let service = Arc::new(keys.issue("bench", "internal", Role::Service, now, 3600));
-    let users: Arc<Vec<String>> = Arc::new(
-        orgs.iter()
-            .map(|org| keys.issue("bench-user", org, Role::User, now, 3600))
-            .collect(),
-    );
+    let bearer = |token: String| -> anyhow::Result<tonic::metadata::MetadataValue<_>> {
+        Ok(format!("Bearer {token}").parse()?)
+    };
+    let service = bearer(keys.issue("bench", "internal", Role::Service, now, 3600))?;
+    let users = orgs
+        .iter()
+        .map(|org| bearer(keys.issue("bench-user", org, Role::User, now, 3600)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let users = Arc::new(users);
     let orgs = Arc::new(orgs.to_vec());
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        channels.push(connect(url).await?);
+    }
     let warmup = Duration::from_secs(2);
     let started = Instant::now();
     let measure_from = started + warmup;
     let end = measure_from + Duration::from_secs(args.seconds);
+    let run_tag = uuid::Uuid::new_v4().simple().to_string();
     let mut tasks = Vec::new();
     for client in 0..args.clients {
-        let channel = connect(url).await?;
+        let channel = channels[client % connections].clone();
         let (service, users, orgs) = (service.clone(), users.clone(), orgs.clone());
-        let workload = args.workload;
+        let tag = format!("{}-{client}", &run_tag[..8]);
         tasks.push(tokio::spawn(async move {
             let mut usage = pb::usage_service_client::UsageServiceClient::new(channel.clone());
-            let mut credits = pb::credits_service_client::CreditsServiceClient::new(channel);
+            let mut credits =
+                pb::credits_service_client::CreditsServiceClient::new(channel.clone());
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let mut latencies = Vec::with_capacity(1 << 16);
             let mut errors = 0usize;
             let mut i = 0usize;
@@ -238,20 +361,35 @@ async fn drive(
                             org_id: orgs[org].clone(),
                             meter: "ai_tokens".into(),
                             quantity: 1000,
-                            idempotency_key: format!("c{client}-{i}"),
+                            idempotency_key: format!("{tag}-{i}"),
                             ..Default::default()
                         });
-                        if let Ok(v) = format!("Bearer {service}").parse() {
-                            request.metadata_mut().insert("authorization", v);
-                        }
+                        request
+                            .metadata_mut()
+                            .insert("authorization", service.clone());
                         usage.consume(request).await.is_ok()
+                    }
+                    Workload::Allowance => {
+                        let mut request = Request::new(pb::CheckAllowanceRequest {
+                            org_id: orgs[org].clone(),
+                        });
+                        request
+                            .metadata_mut()
+                            .insert("authorization", service.clone());
+                        usage.check_allowance(request).await.is_ok()
                     }
                     Workload::Balance => {
                         let mut request = Request::new(pb::GetBalanceRequest {});
-                        if let Ok(v) = format!("Bearer {}", users[org]).parse() {
-                            request.metadata_mut().insert("authorization", v);
-                        }
+                        request
+                            .metadata_mut()
+                            .insert("authorization", users[org].clone());
                         credits.get_balance(request).await.is_ok()
+                    }
+                    Workload::Health => {
+                        let request = Request::new(tonic_health::pb::HealthCheckRequest {
+                            service: String::new(),
+                        });
+                        health.check(request).await.is_ok()
                     }
                 };
                 if t0 >= measure_from {
@@ -283,8 +421,13 @@ async fn drive(
 }
 
 /// pgbench TPC-B on a scratch database `billing_pgbench` of the server
-/// behind `database_url`; returns its tps.
-async fn pgbench(database_url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+/// behind `database_url`, initialised at `scale`; returns its tps.
+async fn pgbench(
+    database_url: &str,
+    clients: usize,
+    scale: usize,
+    seconds: u64,
+) -> anyhow::Result<f64> {
     let (base, query) = match database_url.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),
         None => (database_url, String::new()),
@@ -299,8 +442,9 @@ async fn pgbench(database_url: &str, clients: usize, seconds: u64) -> anyhow::Re
         .execute_unprepared("CREATE DATABASE billing_pgbench")
         .await?;
     admin.close().await?;
+    println!("pgbench: initialising at scale {scale}…");
     let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", "1", &scratch])
+        .args(["-i", "-q", "-s", &scale.to_string(), &scratch])
         .output()
         .context("running pgbench (install postgresql-contrib / the PostgreSQL client tools)")?;
     if !init.status.success() {
