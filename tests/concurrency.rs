@@ -652,3 +652,112 @@ async fn a_callers_deadline_is_honoured_while_the_writer_waits() {
     other.close().await.expect("close");
     server.stop().await;
 }
+
+/// Balances on PostgreSQL are served from each replica's cache. A read
+/// through the replica that took a write is exact at once; a read through
+/// another replica shows the write once that replica hears the writer's
+/// notification, and never later than `MAX_AGE_SHARED` (the cache keeps
+/// nothing longer) — measured here over 40 writes, the delay printed. In
+/// between, the other replica shows the balance from just before the
+/// write, never anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replicas_reads_show_a_write_within_a_bound() {
+    use std::time::{Duration, Instant};
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let a = start_on(&db.url, &[], Arc::new(SystemClock)).await;
+    let b = start_on(&db.url, &[], Arc::new(SystemClock)).await;
+    let connect = |addr: std::net::SocketAddr| async move {
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    };
+    let (to_a, to_b) = (connect(a.grpc_addr).await, connect(b.grpc_addr).await);
+    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
+    let now = Utc::now().timestamp();
+    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
+    let service = keys.issue("svc", "internal", Role::Service, now, 3600);
+    let user = keys.issue("u", "stale", Role::User, now, 3600);
+    pb::admin_service_client::AdminServiceClient::new(to_a.clone())
+        .manual_adjust(authed(
+            &admin,
+            pb::ManualAdjustRequest {
+                org_id: "stale".into(),
+                amount_micros: 1000 * CREDIT,
+                reason: "initial".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("grant");
+    let mut usage_a = pb::usage_service_client::UsageServiceClient::new(to_a.clone());
+    let mut credits_a = pb::credits_service_client::CreditsServiceClient::new(to_a);
+    let mut credits_b = pb::credits_service_client::CreditsServiceClient::new(to_b);
+    let bound = billing::ledger::MAX_AGE_SHARED + Duration::from_millis(500);
+    let mut delays = Vec::new();
+    for i in 0..40 {
+        // Replica B has the balance cached.
+        let before = credits_b
+            .get_balance(authed(&user, pb::GetBalanceRequest {}))
+            .await
+            .expect("read through B")
+            .into_inner()
+            .balance_micros;
+        let written = usage_a
+            .consume(authed(
+                &service,
+                pb::ConsumeRequest {
+                    org_id: "stale".into(),
+                    meter: "storage_egress".into(),
+                    quantity: 1_000_000_000,
+                    idempotency_key: format!("stale-{i}"),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("consume through A")
+            .into_inner();
+        let through_a = credits_a
+            .get_balance(authed(&user, pb::GetBalanceRequest {}))
+            .await
+            .expect("read through A")
+            .into_inner();
+        assert_eq!(
+            through_a.balance_micros, written.balance_micros,
+            "the writing replica's read is exact at once"
+        );
+        let started = Instant::now();
+        loop {
+            let seen = credits_b
+                .get_balance(authed(&user, pb::GetBalanceRequest {}))
+                .await
+                .expect("read through B")
+                .into_inner()
+                .balance_micros;
+            if seen == written.balance_micros {
+                break;
+            }
+            assert_eq!(seen, before, "B showed neither the old nor the new balance");
+            assert!(
+                started.elapsed() < bound,
+                "B still showed the balance from before the write after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        delays.push(started.elapsed());
+    }
+    delays.sort();
+    println!(
+        "another replica showed a write after: median {:?}, max {:?} (bound {:?})",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1],
+        billing::ledger::MAX_AGE_SHARED
+    );
+    a.shutdown().await.expect("stop A");
+    b.shutdown().await.expect("stop B");
+}

@@ -136,12 +136,15 @@ struct Inner {
     clock: SharedClock,
     rates: RwLock<Arc<Rates>>,
     orgs: RwLock<HashMap<String, i64>>,
-    /// Balances read recently, exact because this process is the only
-    /// writer (SQLite only; see [`super::reads::balance`] and [`BalanceCache`]).
-    pub(crate) balances: Option<std::sync::Mutex<BalanceCache>>,
+    /// Balances read recently (see [`super::balance`] for what keeps them
+    /// exact, on SQLite and across PostgreSQL replicas).
+    pub(crate) balances: Arc<std::sync::Mutex<BalanceCache>>,
     /// SQLite has one writer: every write transaction of this process holds
     /// this lock, so none ever meets "database is locked".
     write_lock: Option<Mutex<()>>,
+    /// PostgreSQL: the organizations written, for the other replicas'
+    /// balance caches (see [`super::balance::announce`]).
+    written: Option<mpsc::UnboundedSender<Vec<i64>>>,
 }
 
 /// The ledger's write side and its caches. Cheap to clone.
@@ -210,6 +213,7 @@ impl Ledger {
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let database_url = database_url.to_owned();
+        let database_url_for_listener = database_url.clone();
         let rates = Rates::load(&db).await?;
         let sqlite = db.get_database_backend() == DbBackend::Sqlite;
         // SQLite writes one transaction at a time. On PostgreSQL each worker
@@ -221,6 +225,12 @@ impl Ledger {
         let workers = if sqlite { 1 } else { 2 };
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| mpsc::channel(QUEUE_DEPTH)).unzip();
+        let (written, announcements) = if sqlite {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        };
         let ledger = Self {
             inner: Arc::new(Inner {
                 db,
@@ -228,7 +238,12 @@ impl Ledger {
                 rates: RwLock::new(Arc::new(rates)),
                 orgs: RwLock::new(HashMap::new()),
                 write_lock: sqlite.then(|| Mutex::new(())),
-                balances: sqlite.then(|| std::sync::Mutex::new(BalanceCache::default())),
+                written,
+                balances: Arc::new(std::sync::Mutex::new(if sqlite {
+                    BalanceCache::single_writer()
+                } else {
+                    BalanceCache::shared()
+                })),
             }),
             senders: Arc::new(senders),
         };
@@ -279,6 +294,18 @@ impl Ledger {
         started
             .await
             .map_err(|_| Error::internal("the ledger thread died while starting"))??;
+        if let Some(announcements) = announcements {
+            tokio::spawn(super::balance::announce(
+                ledger.inner.db.clone(),
+                announcements,
+                shutdown.clone(),
+            ));
+            tokio::spawn(super::balance::listen(
+                database_url_for_listener,
+                ledger.inner.balances.clone(),
+                shutdown.clone(),
+            ));
+        }
         let reloader = ledger.clone();
         tokio::spawn(async move {
             loop {
@@ -298,8 +325,15 @@ impl Ledger {
         &self.inner.db
     }
 
-    pub(crate) fn balance_cache(&self) -> Option<&std::sync::Mutex<BalanceCache>> {
-        self.inner.balances.as_ref()
+    /// Tells the other replicas that `orgs` were written (PostgreSQL).
+    fn announce(&self, orgs: impl Iterator<Item = i64>) {
+        if let Some(written) = &self.inner.written {
+            let _ = written.send(orgs.collect());
+        }
+    }
+
+    pub(crate) fn balance_cache(&self) -> &std::sync::Mutex<BalanceCache> {
+        &self.inner.balances
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -802,10 +836,16 @@ impl Worker {
         Ok(row.org_id)
     }
 
+    /// The batch committed (or may have): this process's cached balances
+    /// of its organizations are dropped before anyone is answered, and the
+    /// other replicas are told.
+    fn written(&self, ops: &[Prepared]) {
+        self.forget_balances(ops);
+        self.ledger.announce(ops.iter().map(|p| p.org_id));
+    }
+
     fn forget_balances(&self, ops: &[Prepared]) {
-        if let Some(cache) = self.balance_cache()
-            && let Ok(mut cache) = cache.lock()
-        {
+        if let Ok(mut cache) = self.balance_cache().lock() {
             for p in ops {
                 cache.invalidate(p.org_id);
             }
@@ -832,7 +872,7 @@ impl Worker {
                             // database: running the batch again could apply
                             // it twice. Only the callers can resolve it, by
                             // retrying with their idempotency keys.
-                            self.forget_balances(ops);
+                            self.written(ops);
                             tracing::warn!(error = %e, ops = ops.len(), "ledger COMMIT failed; outcome unknown");
                             return Err(Error::Unavailable(OUTCOME_UNKNOWN.into()));
                         }
@@ -852,7 +892,10 @@ impl Worker {
             // while it ran is never kept.
             self.forget_balances(ops);
             match result {
-                Ok(outcomes) => return Ok(outcomes),
+                Ok(outcomes) => {
+                    self.ledger.announce(ops.iter().map(|p| p.org_id));
+                    return Ok(outcomes);
+                }
                 Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
                     drop(_guard);
                     tracing::debug!(error = %e, attempt, "retrying ledger batch");

@@ -9,6 +9,9 @@
 //! * `store`: the batch's rows in and out of the database (a PostgreSQL
 //!   fast path of two fixed statements per batch, and a portable path).
 //! * [`reads`]: balances, the ledger listing, monthly statistics, lot detail.
+//! * `balance`: the balance cache most reads are served from, exact for
+//!   this process's writes and, on PostgreSQL, told of other replicas'
+//!   writes by notification (stale for at most [`MAX_AGE_SHARED`]).
 //! * [`sweeper`]: the background task that books expiries for organizations
 //!   nobody writes to (writers sweep their own organizations first).
 //!
@@ -28,6 +31,7 @@ pub mod sweeper;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use balance::MAX_AGE_SHARED;
 pub use engine::{Ledger, Op, Outcome};
 pub use model::LotKind;
 pub use rates::Rates;

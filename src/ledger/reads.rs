@@ -93,10 +93,10 @@ const BALANCE_SQL: &str = "SELECT o.balance_micros AS balance, o.held_micros AS 
 
 /// An organization's balance now, in one statement.
 ///
-/// On SQLite this process is the only writer, so the answer is kept until
-/// the organization is written to (the ledger bumps its version after every
-/// write transaction) or until its next lot or hold expiry or the month's
-/// end; a value read while a write was under way is never kept.
+/// The answer is kept (see [`super::balance`]) until the organization is
+/// written to, by this process or, on PostgreSQL, by another replica, or
+/// until its next lot or hold expiry or the month's end; a value read while
+/// a write was under way is never kept.
 pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
     let now = ledger.now();
     let period_start = month_start(now);
@@ -107,14 +107,14 @@ pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
         });
     };
     let cache = ledger.balance_cache();
-    let version = match cache.and_then(|c| c.lock().ok()) {
-        Some(c) => {
+    let version = match cache.lock() {
+        Ok(c) => {
             if let Some(hit) = c.get(org_id, now) {
                 return Ok(hit);
             }
-            c.version(org_id)
+            Some(c.version(org_id))
         }
-        None => 0,
+        Err(_) => None,
     };
     let db = ledger.db();
     let backend = db.get_database_backend();
@@ -147,7 +147,7 @@ pub async fn balance(ledger: &Ledger, org: &str) -> Result<Balance> {
         storage_egress: get("egress")?,
         period_start,
     };
-    if let Some(mut c) = cache.and_then(|c| c.lock().ok()) {
+    if let (Some(version), Ok(mut c)) = (version, cache.lock()) {
         let next_month = period_start + chrono::Months::new(1);
         let until = [
             row.try_get::<Option<DateTime<Utc>>>("", "next_lot_expiry")?,
