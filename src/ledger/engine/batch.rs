@@ -1,0 +1,386 @@
+//! One batch inside its transaction: lock and load the organizations'
+//! books, apply each operation in arrival order, turn what changed into
+//! rows and write them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Datelike, Utc};
+use sea_orm::{DatabaseTransaction, DbErr};
+
+use super::{
+    idempotency::{IdemKey, replay, stored_response},
+    new_id,
+    ops::{Op, Outcome, Prepared, apply_one},
+};
+use crate::{
+    entities::{admin_audit, ledger_transaction, reservation},
+    error::{Error, Result},
+    ledger::{
+        model::{Book, Hold, HoldStatus, Lot, LotRef},
+        store::{
+            self, Allocation, FinishedHold, IdemRow, KeyRef, LotUpdate, MonthlyRow, NewLot, OrgRow,
+            Rows, SourceRef, Wanted,
+        },
+    },
+};
+
+pub(super) enum BatchError {
+    /// The database failed: maybe transient.
+    Db(DbErr),
+    /// A broken invariant: never retried, nothing written.
+    Rule(Error),
+}
+
+impl From<DbErr> for BatchError {
+    fn from(e: DbErr) -> Self {
+        Self::Db(e)
+    }
+}
+
+/// The `ledger_monthly` bucket of a ledger row: its type, except that a
+/// committed hold is usage of its meter and is summed with that meter's
+/// `Consume` rows (consumption by meter reads one bucket per meter).
+fn monthly_bucket(e: &crate::ledger::model::Entry) -> &'static str {
+    match (e.kind, e.details.meter.as_deref()) {
+        ("reservation", Some(meter)) => meter
+            .parse::<crate::domain::Meter>()
+            .map_or(e.kind, crate::domain::Meter::transaction_type),
+        _ => e.kind,
+    }
+}
+
+fn month_key(t: DateTime<Utc>) -> String {
+    format!("{:04}-{:02}", t.year(), t.month())
+}
+
+/// What the batch writes besides the books.
+#[derive(Default)]
+pub(super) struct Extra {
+    pub(super) idempotency: Vec<(IdemKey, String)>,
+    pub(super) audits: Vec<admin_audit::ActiveModel>,
+}
+
+pub(super) async fn apply_batch(
+    txn: &DatabaseTransaction,
+    ops: &[Prepared],
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Outcome>>, BatchError> {
+    let org_ids: Vec<i64> = ops
+        .iter()
+        .map(|p| p.org_id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+
+    // 1. Lock the organizations, in id order; 2. load their live lots,
+    //    the holds that matter, the idempotency records, the grants'
+    //    sources, as they stand under the locks.
+    let wanted = Wanted {
+        org_ids,
+        named_holds: ops
+            .iter()
+            .filter_map(|p| match &p.op {
+                Op::Commit(i) => Some(i.reservation_id.clone()),
+                Op::Release(i) => Some(i.reservation_id.clone()),
+                Op::Consume(_) | Op::Reserve(_) | Op::Adjust(_) | Op::Grant(_) | Op::Sweep(_) => {
+                    None
+                }
+            })
+            .collect(),
+        keys: ops
+            .iter()
+            .filter_map(|p| {
+                p.idem.as_ref().map(|k| KeyRef {
+                    org_id: k.org_id,
+                    method: k.method,
+                    key: k.key.clone(),
+                })
+            })
+            .collect(),
+        sources: ops
+            .iter()
+            .filter_map(|p| match &p.op {
+                Op::Grant(i) => i.source_id.clone().map(|source_id| SourceRef {
+                    source_type: i.source_type.clone(),
+                    source_id,
+                }),
+                Op::Consume(_)
+                | Op::Reserve(_)
+                | Op::Commit(_)
+                | Op::Release(_)
+                | Op::Adjust(_)
+                | Op::Sweep(_) => None,
+            })
+            .collect(),
+        now,
+    };
+    let (orgs, loaded) = store::lock_and_load(txn, &wanted).await?;
+    let mut idem_seen: HashMap<(i64, &'static str, String), (String, String)> = HashMap::new();
+    for r in loaded.idempotency {
+        let method = match r.method.as_str() {
+            "consume" => "consume",
+            "reserve" => "reserve",
+            "manual_adjust" => "manual_adjust",
+            _ => continue,
+        };
+        idem_seen.insert((r.org_id, method, r.key), (r.request_hash, r.response));
+    }
+    let mut granted_sources = loaded.sources;
+
+    let mut lots_by_org: HashMap<i64, Vec<Lot>> = HashMap::new();
+    for l in loaded.lots {
+        let org_id = l.org_id;
+        let (id, kind) = (l.id, l.kind.clone());
+        let lot = store::stored_lot(l).ok_or_else(|| {
+            BatchError::Rule(Error::internal(format!("lot {id} has unknown kind {kind}")))
+        })?;
+        lots_by_org.entry(org_id).or_default().push(lot);
+    }
+    let mut holds_by_org: HashMap<i64, Vec<Hold>> = HashMap::new();
+    for h in loaded.holds {
+        let Some(status) = HoldStatus::parse(&h.status) else {
+            return Err(BatchError::Rule(Error::internal(format!(
+                "hold {} has unknown status",
+                h.id
+            ))));
+        };
+        holds_by_org.entry(h.org_id).or_default().push(Hold {
+            id: h.id,
+            held: h.held_micros,
+            status,
+            expires_at: h.expires_at,
+            meter: h.meter,
+            quantity: h.quantity,
+            model: h.model,
+            created_at: h.created_at,
+            is_new: false,
+            finished: false,
+            transaction_id: h.transaction_id,
+            charged: h.charged_micros,
+        });
+    }
+    let mut books: BTreeMap<i64, Book> = BTreeMap::new();
+    for o in orgs {
+        let mut book = Book::new(
+            o.id,
+            o.balance_micros,
+            o.held_micros,
+            o.ledger_seq,
+            lots_by_org.remove(&o.id).unwrap_or_default(),
+            holds_by_org.remove(&o.id).unwrap_or_default(),
+        );
+        book.sweep(now, new_id);
+        books.insert(o.id, book);
+    }
+
+    // 3. Apply each operation in order.
+    let mut extra = Extra::default();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for p in ops {
+        let Some(book) = books.get_mut(&p.org_id) else {
+            outcomes.push(Err(Error::internal(format!(
+                "organization {} vanished",
+                p.org_id
+            ))));
+            continue;
+        };
+        if let Some(idem) = &p.idem
+            && let Some((hash, response)) =
+                idem_seen.get(&(idem.org_id, idem.method, idem.key.clone()))
+        {
+            outcomes.push(if *hash == idem.hash {
+                replay(&p.op, response)
+            } else {
+                Err(Error::IdempotencyKeyReused)
+            });
+            continue;
+        }
+        // A refused operation leaves no trace in the batch: its book goes
+        // back to how it was before the operation.
+        let saved = book.checkpoint();
+        let result = apply_one(book, p, now, &mut granted_sources, &mut extra);
+        match &result {
+            Ok(_) => {}
+            Err(Error::Internal(detail)) => {
+                return Err(BatchError::Rule(Error::Internal(detail.clone())));
+            }
+            Err(_) => book.restore(saved),
+        }
+        if let (Ok(outcome), Some(idem)) = (&result, &p.idem) {
+            let response = stored_response(outcome).map_err(BatchError::Rule)?;
+            idem_seen.insert(
+                (idem.org_id, idem.method, idem.key.clone()),
+                (idem.hash.clone(), response.clone()),
+            );
+            extra.idempotency.push((idem.clone(), response));
+        }
+        outcomes.push(result);
+    }
+
+    // 4. Write: new lots first (allocations need their ids), then the rest.
+    let mut new_lots = Vec::new();
+    let mut new_lot_refs = Vec::new();
+    for book in books.values() {
+        for lot in &book.lots {
+            if let LotRef::New(n) = lot.id {
+                new_lots.push(NewLot {
+                    org_id: book.org_id,
+                    kind: lot.kind.as_str(),
+                    allocated_micros: lot.allocated,
+                    remaining_micros: lot.remaining,
+                    expires_at: lot.expires_at,
+                    source_type: lot.source_type.clone(),
+                    source_id: lot.source_id.clone(),
+                    created_at: lot.created_at,
+                });
+                new_lot_refs.push((book.org_id, n));
+            }
+        }
+    }
+    let new_lot_ids: HashMap<(i64, usize), i64> = if new_lots.is_empty() {
+        HashMap::new()
+    } else {
+        new_lot_refs
+            .into_iter()
+            .zip(store::insert_lots(txn, new_lots).await?)
+            .collect()
+    };
+    let rows = changed_rows(&books, extra, now, &new_lot_ids).map_err(BatchError::Rule)?;
+    store::write(txn, rows, now).await?;
+    Ok(outcomes)
+}
+
+/// Every change the books and `extra` hold, as rows (new lots already
+/// inserted, with the ids in `new_lot_ids`).
+fn changed_rows(
+    books: &BTreeMap<i64, Book>,
+    extra: Extra,
+    now: DateTime<Utc>,
+    new_lot_ids: &HashMap<(i64, usize), i64>,
+) -> Result<Rows> {
+    let mut rows = Rows::default();
+    let mut monthly: BTreeMap<(i64, String, &'static str), (i64, i64)> = BTreeMap::new();
+    for book in books.values() {
+        for lot in &book.lots {
+            if let LotRef::Stored(id) = lot.id
+                && lot.dirty
+            {
+                rows.lot_updates.push(LotUpdate {
+                    id,
+                    remaining_micros: lot.remaining,
+                });
+            }
+        }
+        for e in &book.entries {
+            rows.entries.push(ledger_transaction::Model {
+                id: e.id.clone(),
+                org_id: book.org_id,
+                seq: e.seq,
+                kind: e.kind.into(),
+                amount_micros: e.amount,
+                balance_after_micros: e.balance_after,
+                description: e.details.description.clone(),
+                reference_type: e.details.reference_type.clone(),
+                reference_id: e.details.reference_id.clone(),
+                meter: e.details.meter.clone(),
+                quantity: e.details.quantity,
+                model: e.details.model.clone(),
+                created_at: e.created_at,
+            });
+            for (lot, amount) in &e.allocations {
+                let lot_id = match lot {
+                    LotRef::Stored(id) => *id,
+                    LotRef::New(n) => {
+                        new_lot_ids
+                            .get(&(book.org_id, *n))
+                            .copied()
+                            .ok_or_else(|| {
+                                Error::internal(format!(
+                                    "allocation to lot {n} that was not inserted"
+                                ))
+                            })?
+                    }
+                };
+                rows.allocations.push(Allocation {
+                    transaction_id: e.id.clone(),
+                    lot_id,
+                    amount_micros: *amount,
+                });
+            }
+            let sums = monthly
+                .entry((book.org_id, month_key(e.created_at), monthly_bucket(e)))
+                .or_insert((0, 0));
+            if e.amount >= 0 {
+                sums.0 = sums.0.saturating_add(e.amount);
+            } else {
+                sums.1 = sums.1.saturating_add(-e.amount);
+            }
+        }
+        for h in &book.holds {
+            if h.is_new {
+                rows.new_holds.push(reservation::Model {
+                    id: h.id.clone(),
+                    org_id: book.org_id,
+                    held_micros: h.held,
+                    status: h.status.as_str().into(),
+                    meter: h.meter.clone(),
+                    quantity: h.quantity,
+                    model: h.model.clone(),
+                    transaction_id: h.transaction_id.clone(),
+                    expires_at: h.expires_at,
+                    created_at: h.created_at,
+                    finished_at: h.finished.then_some(now),
+                    charged_micros: h.charged,
+                });
+            } else if h.finished {
+                rows.finished_holds.push(FinishedHold {
+                    id: h.id.clone(),
+                    status: h.status.as_str(),
+                    transaction_id: h.transaction_id.clone(),
+                    charged_micros: h.charged,
+                });
+            }
+        }
+        // Every write of an organization's rows also writes the
+        // organization row: the PostgreSQL store relies on it to notice a
+        // commit that raced its lock (see `store::postgres`).
+        let writes = book.touched
+            || book.lots.iter().any(|l| l.dirty)
+            || book.holds.iter().any(|h| h.is_new || h.finished)
+            || extra
+                .idempotency
+                .iter()
+                .any(|(k, _)| k.org_id == book.org_id);
+        if writes {
+            rows.orgs.push(OrgRow {
+                id: book.org_id,
+                balance_micros: book.balance,
+                held_micros: book.held,
+                ledger_seq: book.seq,
+            });
+        }
+    }
+    rows.monthly = monthly
+        .into_iter()
+        .map(|((org_id, month, kind), (credit, debit))| MonthlyRow {
+            org_id,
+            month,
+            kind,
+            credit_micros: credit,
+            debit_micros: debit,
+        })
+        .collect();
+    rows.idempotency = extra
+        .idempotency
+        .into_iter()
+        .map(|(k, response)| IdemRow {
+            org_id: k.org_id,
+            method: k.method.into(),
+            key: k.key,
+            request_hash: k.hash,
+            response,
+        })
+        .collect();
+    rows.audits = extra.audits;
+    Ok(rows)
+}

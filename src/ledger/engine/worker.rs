@@ -1,0 +1,411 @@
+//! A writer queue's consumer: gathers operations into batches, prepares
+//! them outside the transaction, runs the transaction with its retries and
+//! answers every caller.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Duration,
+};
+
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Job, Ledger, MAX_BATCH,
+    batch::{BatchError, apply_batch},
+    idempotency::{IdemKey, request_hash},
+    ops::{Op, Outcome, Prepared},
+};
+use crate::{
+    entities::reservation,
+    error::{Error, Result},
+    ledger::{HoldAmount, Rates},
+};
+
+/// What a caller is told when its write's COMMIT failed midway.
+const OUTCOME_UNKNOWN: &str = "the write's outcome is unknown (the database connection failed during COMMIT); retry with the same idempotency key";
+/// Attempts of a batch on transient failures.
+const ATTEMPTS: u32 = 6;
+
+/// A failure worth running the batch again for: a conflict with another
+/// transaction, a busy database, or a lost connection (the transaction
+/// was rolled back with it; the pool reconnects).
+fn is_transient(err: &DbErr) -> bool {
+    if crate::db::is_connection_error(err) {
+        return true;
+    }
+    let text = err.to_string().to_ascii_lowercase();
+    [
+        "could not serialize",
+        "deadlock",
+        "database is locked",
+        "database table is locked",
+        "busy",
+        "40001",
+        "40p01",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+        || matches!(
+            err.sql_err(),
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+        )
+}
+
+/// A batch worker: the [`Ledger`]'s state plus its own connection pool, on
+/// a thread of its own (see [`Ledger::start`]).
+pub(super) struct Worker {
+    pub(super) ledger: Ledger,
+    pub(super) db: DatabaseConnection,
+    pub(super) queue: mpsc::Receiver<Job>,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Ledger;
+
+    fn deref(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+impl Worker {
+    /// Row ids of `external_ids` (created on first use), through this
+    /// worker's pool.
+    async fn ensure_orgs(&self, external_ids: &BTreeSet<String>) -> Result<HashMap<String, i64>> {
+        self.ledger.ensure_orgs_on(&self.db, external_ids).await
+    }
+
+    pub(super) async fn work(mut self, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => None,
+                job = self.queue.recv() => job,
+            };
+            let Some(first) = first else { break };
+            let mut batch = first.ops;
+            while batch.len() < MAX_BATCH {
+                match self.queue.try_recv() {
+                    Ok(job) => batch.extend(job.ops),
+                    Err(_) => break,
+                }
+            }
+            // A caller that has gone (its deadline passed, it hung up) was
+            // told nothing was confirmed; its operation is not run.
+            batch.retain(|(_, reply)| !reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            // A panic is a bug, but it must not silently stop the writer:
+            // its batch's transaction is rolled back (dropped), its callers
+            // are answered UNAVAILABLE (their replies are dropped), and the
+            // worker goes on with the next batch.
+            let run = std::panic::AssertUnwindSafe(self.run_batch(batch));
+            if futures::FutureExt::catch_unwind(run).await.is_err() {
+                tracing::error!("ledger writer panicked in a batch; its callers get UNAVAILABLE");
+            }
+        }
+    }
+
+    /// Runs `jobs` and answers each of them.
+    async fn run_batch(&self, jobs: Vec<(Op, oneshot::Sender<Result<Outcome>>)>) {
+        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.into_iter().unzip();
+        let results = self.execute(ops).await;
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Executes `ops` (one transaction, or one each after a failure) and
+    /// returns one result per op, in order.
+    async fn execute(&self, ops: Vec<Op>) -> Vec<Result<Outcome>> {
+        let count = ops.len();
+        let mut results: Vec<Option<Result<Outcome>>> = (0..count).map(|_| None).collect();
+        let mut prepared = Vec::with_capacity(count);
+        let mut slots = Vec::with_capacity(count);
+        for (slot, op) in self.prepare(ops).await.into_iter().enumerate() {
+            match op {
+                Ok(p) => {
+                    prepared.push(p);
+                    slots.push(slot);
+                }
+                Err(e) => results[slot] = Some(Err(e)),
+            }
+        }
+        if !prepared.is_empty() {
+            let outcomes = match self.transact(&prepared).await {
+                Ok(outcomes) => outcomes,
+                // Only a broken rule (one operation's data) is worth
+                // isolating; a database that is down fails every
+                // operation alike, and an unknown outcome must never be
+                // run again.
+                Err(e @ Error::Internal(_)) if prepared.len() > 1 => {
+                    tracing::warn!(error = %e, ops = prepared.len(), "batch failed; running its operations one by one");
+                    let mut each = Vec::with_capacity(prepared.len());
+                    for p in &prepared {
+                        let single = self.transact(std::slice::from_ref(p)).await;
+                        each.push(single.and_then(|mut v| {
+                            v.pop().unwrap_or_else(|| Err(Error::internal("empty")))
+                        }));
+                    }
+                    each
+                }
+                // The same answer for every operation of the batch.
+                Err(e) => prepared.iter().map(|_| Err(e.clone())).collect(),
+            };
+            for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                results[slot] = Some(outcome);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::internal("operation lost in batch"))))
+            .collect()
+    }
+
+    /// Resolves organizations, costs and idempotency fingerprints.
+    async fn prepare(&self, ops: Vec<Op>) -> Vec<Result<Prepared>> {
+        let mut externals = BTreeSet::new();
+        for op in &ops {
+            match op {
+                Op::Consume(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Reserve(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Adjust(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Grant(i) => {
+                    externals.insert(i.org.clone());
+                }
+                Op::Commit(_) | Op::Release(_) | Op::Sweep(_) => {}
+            }
+        }
+        let orgs = match self.ensure_orgs(&externals).await {
+            Ok(orgs) => orgs,
+            Err(e) => {
+                let message = e.to_string();
+                return ops
+                    .into_iter()
+                    .map(|_| Err(Error::Unavailable(message.clone())))
+                    .collect();
+            }
+        };
+        let rates = self.rates();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(self.prepare_one(op, &orgs, &rates).await);
+        }
+        out
+    }
+
+    async fn prepare_one(
+        &self,
+        op: Op,
+        orgs: &HashMap<String, i64>,
+        rates: &Rates,
+    ) -> Result<Prepared> {
+        let org = |ext: &str| {
+            orgs.get(ext)
+                .copied()
+                .ok_or_else(|| Error::internal(format!("organization {ext} was not created")))
+        };
+        match op {
+            Op::Consume(ref i) => {
+                let org_id = org(&i.org)?;
+                let cost = rates.cost(i.meter, i.model.as_deref(), i.quantity)?;
+                let hash = request_hash(&[
+                    i.meter.as_str(),
+                    &i.quantity.to_string(),
+                    i.model.as_deref().unwrap_or(""),
+                    i.description.as_deref().unwrap_or(""),
+                ]);
+                let idem = IdemKey {
+                    org_id,
+                    method: "consume",
+                    key: i.key.clone(),
+                    hash,
+                };
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: Some(idem),
+                })
+            }
+            Op::Reserve(ref i) => {
+                let org_id = org(&i.org)?;
+                let (cost, fingerprint) = match &i.amount {
+                    HoldAmount::Micros(m) => (*m, format!("amount:{m}")),
+                    HoldAmount::Usage {
+                        meter,
+                        quantity,
+                        model,
+                    } => (
+                        rates.cost(*meter, model.as_deref(), *quantity)?,
+                        format!(
+                            "usage:{}:{quantity}:{}",
+                            meter.as_str(),
+                            model.as_deref().unwrap_or("")
+                        ),
+                    ),
+                };
+                let hash = request_hash(&[&fingerprint, &i.ttl_seconds.to_string()]);
+                let idem = IdemKey {
+                    org_id,
+                    method: "reserve",
+                    key: i.key.clone(),
+                    hash,
+                };
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: Some(idem),
+                })
+            }
+            Op::Commit(ref i) => {
+                let org_id = self.hold_org(&i.reservation_id, i.org.as_deref()).await?;
+                let cost = rates.cost(i.meter, i.model.as_deref(), i.quantity)?;
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: None,
+                })
+            }
+            Op::Release(ref i) => {
+                let org_id = self.hold_org(&i.reservation_id, i.org.as_deref()).await?;
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost: 0,
+                    idem: None,
+                })
+            }
+            Op::Adjust(ref i) => {
+                let org_id = org(&i.org)?;
+                let cost = i.amount;
+                let idem = i.key.as_ref().map(|key| IdemKey {
+                    org_id,
+                    method: "manual_adjust",
+                    key: key.clone(),
+                    hash: request_hash(&[
+                        &i.amount.to_string(),
+                        &i.reason,
+                        &i.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    ]),
+                });
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem,
+                })
+            }
+            Op::Grant(ref i) => {
+                let org_id = org(&i.org)?;
+                let cost = i.amount;
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost,
+                    idem: None,
+                })
+            }
+            Op::Sweep(org_id) => Ok(Prepared {
+                org_id,
+                op,
+                cost: 0,
+                idem: None,
+            }),
+        }
+    }
+
+    /// The organization of reservation `id` (checked against `org`).
+    async fn hold_org(&self, id: &str, org: Option<&str>) -> Result<i64> {
+        let row = reservation::Entity::find_by_id(id.to_owned())
+            .one(&self.db)
+            .await?
+            .ok_or(Error::ReservationNotFound)?;
+        if let Some(ext) = org
+            && self.org_id_on(&self.db, ext).await? != Some(row.org_id)
+        {
+            return Err(Error::ReservationNotFound);
+        }
+        Ok(row.org_id)
+    }
+
+    /// The batch committed (or may have): this process's cached balances
+    /// of its organizations are dropped before anyone is answered, and the
+    /// other replicas are told.
+    fn written(&self, ops: &[Prepared]) {
+        self.forget_balances(ops);
+        self.ledger.announce(ops.iter().map(|p| p.org_id));
+    }
+
+    fn forget_balances(&self, ops: &[Prepared]) {
+        if let Ok(mut cache) = self.balance_cache().lock() {
+            for p in ops {
+                cache.invalidate(p.org_id);
+            }
+        }
+    }
+
+    /// One transaction over `ops`, retried on transient failures.
+    async fn transact(&self, ops: &[Prepared]) -> Result<Vec<Result<Outcome>>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let _guard = match &self.inner.write_lock {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
+            let now = self.now();
+            let result = match self.db.begin().await {
+                Err(e) => Err(e),
+                Ok(txn) => match apply_batch(&txn, ops, now).await {
+                    Ok(outcomes) => match txn.commit().await {
+                        Ok(()) => Ok(outcomes),
+                        Err(e) => {
+                            // The COMMIT may or may not have reached the
+                            // database: running the batch again could apply
+                            // it twice. Only the callers can resolve it, by
+                            // retrying with their idempotency keys.
+                            self.written(ops);
+                            tracing::warn!(error = %e, ops = ops.len(), "ledger COMMIT failed; outcome unknown");
+                            return Err(Error::Unavailable(OUTCOME_UNKNOWN.into()));
+                        }
+                    },
+                    Err(BatchError::Db(e)) => {
+                        let _ = txn.rollback().await;
+                        Err(e)
+                    }
+                    Err(BatchError::Rule(e)) => {
+                        let _ = txn.rollback().await;
+                        self.forget_balances(ops);
+                        return Err(e);
+                    }
+                },
+            };
+            // After the transaction, whatever its outcome: a balance read
+            // while it ran is never kept.
+            self.forget_balances(ops);
+            match result {
+                Ok(outcomes) => {
+                    self.ledger.announce(ops.iter().map(|p| p.org_id));
+                    return Ok(outcomes);
+                }
+                Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
+                    drop(_guard);
+                    tracing::debug!(error = %e, attempt, "retrying ledger batch");
+                    tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
+                }
+                // A lost connection becomes UNAVAILABLE here (`From<DbErr>`).
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
