@@ -58,6 +58,9 @@ pub struct Config {
     pub log_filter: String,
     /// `LOG_FORMAT`: `text` or `json`.
     pub log_format: LogFormat,
+    /// `LEDGER_QUEUE_DEPTH`: operations that may wait in one writer queue
+    /// before callers are refused with RESOURCE_EXHAUSTED.
+    pub ledger_queue_depth: usize,
 }
 
 impl Config {
@@ -113,6 +116,19 @@ impl Config {
                     })?
                     .into(),
             ),
+        };
+
+        let ledger_queue_depth = match get("LEDGER_QUEUE_DEPTH") {
+            None => crate::ledger::engine::DEFAULT_QUEUE_DEPTH,
+            Some(raw) => match raw.trim().parse::<usize>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError {
+                        var: "LEDGER_QUEUE_DEPTH",
+                        message: format!("`{raw}` is not a whole number from 1 to 1000000"),
+                    });
+                }
+            },
         };
 
         let cors_allowed_origins = match get("CORS_ALLOWED_ORIGINS") {
@@ -184,6 +200,7 @@ impl Config {
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
             log_format,
+            ledger_queue_depth,
         })
     }
 

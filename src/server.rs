@@ -200,6 +200,7 @@ pub async fn start(
         &config.database_url,
         options.clock.clone(),
         background.clone(),
+        config.ledger_queue_depth,
     )
     .await?;
     crate::ledger::sweeper::spawn(ledger.clone(), background.clone());

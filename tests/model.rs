@@ -398,9 +398,15 @@ async fn run_case(backend: Backend, steps: Vec<Step>) {
     let conn = billing::db::prepare(&db.url).await.expect("database");
     let clock = ManualClock::new(DateTime::from_timestamp(1_800_000_000, 0).expect("time"));
     let stop = CancellationToken::new();
-    let ledger = Ledger::start(conn.clone(), &db.url, Arc::new(clock.clone()), stop.clone())
-        .await
-        .expect("ledger");
+    let ledger = Ledger::start(
+        conn.clone(),
+        &db.url,
+        Arc::new(clock.clone()),
+        stop.clone(),
+        billing::ledger::engine::DEFAULT_QUEUE_DEPTH,
+    )
+    .await
+    .expect("ledger");
     let mut model = Model::default();
 
     for (n, step) in steps.iter().enumerate() {

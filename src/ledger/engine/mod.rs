@@ -86,10 +86,11 @@ struct Job {
     ops: Vec<(Op, oneshot::Sender<Result<Outcome>>)>,
 }
 
-/// How many operations may wait in one writer queue. Past it, callers are
-/// refused at once (RESOURCE_EXHAUSTED) rather than left waiting without
-/// bound behind a writer that cannot keep up.
-const QUEUE_DEPTH: usize = 4096;
+/// How many operations may wait in one writer queue by default
+/// (`LEDGER_QUEUE_DEPTH`). Past it, callers are refused at once
+/// (RESOURCE_EXHAUSTED) rather than left waiting without bound behind a
+/// writer that cannot keep up.
+pub const DEFAULT_QUEUE_DEPTH: usize = 4096;
 
 struct Inner {
     db: DatabaseConnection,
@@ -127,13 +128,15 @@ fn new_id() -> String {
 
 impl Ledger {
     /// Starts the batch workers: reads go through `db`, writes through a
-    /// pool of their own on `database_url`. They stop when `shutdown` is
-    /// cancelled, after finishing the batch in hand.
+    /// pool of their own on `database_url`; each writer queue holds at most
+    /// `queue_depth` operations. They stop when `shutdown` is cancelled,
+    /// after finishing the batch in hand.
     pub async fn start(
         db: DatabaseConnection,
         database_url: &str,
         clock: SharedClock,
         shutdown: CancellationToken,
+        queue_depth: usize,
     ) -> Result<Self> {
         let database_url = database_url.to_owned();
         let database_url_for_listener = database_url.clone();
@@ -146,8 +149,9 @@ impl Ledger {
         // gathered; more only shrink batches (measured: 8 workers gave
         // 2.3k Consume/s, 2 gave 2.8–3.1k/s, see the README).
         let workers = if sqlite { 1 } else { 2 };
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..workers).map(|_| mpsc::channel(QUEUE_DEPTH)).unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| mpsc::channel(queue_depth.max(1)))
+            .unzip();
         let (written, announcements) = if sqlite {
             (None, None)
         } else {
