@@ -1,8 +1,9 @@
 //! Many concurrent callers against two replicas on one PostgreSQL database
 //! (and one instance on SQLite): consumes, holds with commit or release,
-//! replayed idempotency keys, manual grants and debits, spread over a few
-//! organizations. Afterwards every ledger invariant holds, and the credits
-//! that moved are exactly what callers were told succeeded: nothing
+//! replayed idempotency keys, manual grants and debits, lots and holds
+//! that expire during the run, spread over a few organizations. Afterwards
+//! every ledger invariant holds, and the credits that moved are exactly
+//! what callers were told succeeded (less what expired): nothing
 //! overdrawn, double-charged, double-granted or lost.
 
 mod common;
@@ -41,6 +42,21 @@ struct Tally {
     grant_keys: HashMap<String, (String, u32)>,
     commits: usize,
     debits: usize,
+    /// The latest expiry of a short-lived lot or an abandoned hold.
+    latest_expiry: Option<chrono::DateTime<Utc>>,
+}
+
+impl Tally {
+    fn expires(&mut self, at: chrono::DateTime<Utc>) {
+        self.latest_expiry = self.latest_expiry.max(Some(at));
+    }
+}
+
+fn timestamp(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 /// A consume whose parameters are fixed by its key, so replays match.
@@ -98,10 +114,13 @@ async fn caller(id: usize, channel: Channel, tally: Arc<Mutex<HashMap<String, Ta
             }
         } else if roll < 75 {
             let amount = rng.random_range(CREDIT / 2..3 * CREDIT);
+            // Some holds are abandoned and left to expire.
+            let abandon = rng.random_bool(0.15);
             let request = pb::ReserveRequest {
                 org_id: org.into(),
                 amount_micros: Some(amount),
                 idempotency_key: format!("r-{id}-{n}"),
+                ttl_seconds: abandon.then_some(1),
                 ..Default::default()
             };
             let hold = match usage.reserve(authed(&service, request)).await {
@@ -111,7 +130,17 @@ async fn caller(id: usize, channel: Channel, tally: Arc<Mutex<HashMap<String, Ta
                     continue;
                 }
             };
-            if rng.random_bool(0.6) {
+            if abandon {
+                let at = hold.expires_at.expect("expires_at");
+                let at =
+                    chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32).expect("a time");
+                tally
+                    .lock()
+                    .expect("tally")
+                    .entry(org.into())
+                    .or_default()
+                    .expires(at);
+            } else if rng.random_bool(0.6) {
                 let request = pb::CommitRequest {
                     reservation_id: hold.reservation_id,
                     meter: "ai_tokens".into(),
@@ -141,16 +170,29 @@ async fn caller(id: usize, channel: Channel, tally: Arc<Mutex<HashMap<String, Ta
         } else if roll < 90 {
             // Grants; some keys are shared so replicas race on them.
             let k = rng.random_range(0..6);
-            let (key, amount) = if rng.random_bool(0.5) {
-                (format!("g-{org}-{k}"), i64::from(k + 1) * CREDIT)
+            let (key, amount, expires_at) = if rng.random_bool(0.5) {
+                (format!("g-{org}-{k}"), i64::from(k + 1) * CREDIT, None)
             } else {
-                (format!("g-{id}-{n}"), rng.random_range(1..5) * CREDIT)
+                // Half of these are large lots that expire while the run
+                // goes on, before they can all be spent (they are spent
+                // first: earliest expiry first).
+                if rng.random_bool(0.5) {
+                    let expires_at =
+                        Utc::now() + chrono::TimeDelta::milliseconds(rng.random_range(100..400));
+                    (
+                        format!("g-{id}-{n}"),
+                        rng.random_range(20..60) * CREDIT,
+                        Some(expires_at),
+                    )
+                } else {
+                    (format!("g-{id}-{n}"), rng.random_range(1..5) * CREDIT, None)
+                }
             };
             let request = pb::ManualAdjustRequest {
                 org_id: org.into(),
                 amount_micros: amount,
                 reason: "top-up".into(),
-                expires_at: None,
+                expires_at: expires_at.map(timestamp),
                 idempotency_key: Some(key.clone()),
             };
             let r = admin_client
@@ -160,6 +202,9 @@ async fn caller(id: usize, channel: Channel, tally: Arc<Mutex<HashMap<String, Ta
                 .into_inner();
             let mut t = tally.lock().expect("tally");
             let t = t.entry(org.into()).or_default();
+            if let Some(at) = expires_at {
+                t.expires(at);
+            }
             let entry = t
                 .grant_keys
                 .entry(key)
@@ -233,6 +278,21 @@ async fn run(backend: Backend, replicas: usize) {
         task.await.expect("caller");
     }
 
+    // Once every short-lived lot and abandoned hold has expired, the
+    // sweep books what no write has booked yet.
+    let latest = tally
+        .lock()
+        .expect("tally")
+        .values()
+        .filter_map(|t| t.latest_expiry)
+        .max();
+    while latest.is_some_and(|at| Utc::now() <= at) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    billing::ledger::sweeper::sweep_all(&servers[0].state.ledger)
+        .await
+        .expect("sweep");
+
     let conn = &servers[0].state.db;
     invariants::check(conn, Utc::now()).await;
     let orgs: HashMap<String, organization::Model> = organization::Entity::find()
@@ -244,12 +304,20 @@ async fn run(backend: Backend, replicas: usize) {
         .collect();
     let rows = invariants::rows_by_org(conn).await;
     let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    let mut total_expired = 0;
     for org in ORGS {
         let t = tally.get(org).expect("every org was used");
         let o = &orgs[org];
+        let org_rows = &rows[org];
+        let expired: i64 = org_rows
+            .iter()
+            .filter(|r| r.kind == "expiry")
+            .map(|r| -r.amount_micros)
+            .sum();
+        total_expired += expired;
         assert_eq!(
             o.balance_micros,
-            INITIAL + t.granted - t.charged - t.debited,
+            INITIAL + t.granted - t.charged - t.debited - expired,
             "{backend:?} {org}: the balance is not what callers were told"
         );
         assert_eq!(o.held_micros, 0, "every hold was committed or released");
@@ -267,7 +335,6 @@ async fn run(backend: Backend, replicas: usize) {
                 "{org}: {key} was answered as a first charge {firsts} times"
             );
         }
-        let org_rows = &rows[org];
         let usage: Vec<_> = org_rows.iter().filter(|r| r.kind == "ai_usage").collect();
         assert_eq!(
             usage.len(),
@@ -292,6 +359,10 @@ async fn run(backend: Backend, replicas: usize) {
             "{org}: one row per granted key and per debit"
         );
     }
+    assert!(
+        total_expired > 0,
+        "{backend:?}: no credits expired, the run did not exercise expiry"
+    );
     for s in servers {
         s.shutdown().await.expect("shutdown");
     }
@@ -760,4 +831,111 @@ async fn another_replicas_reads_show_a_write_within_a_bound() {
     );
     a.shutdown().await.expect("stop A");
     b.shutdown().await.expect("stop B");
+}
+
+/// A writer queue that is full refuses at once with RESOURCE_EXHAUSTED
+/// instead of letting callers wait without bound. The writer is held up on
+/// a lock taken elsewhere, the queue (4 deep here) fills, every further
+/// write is refused; once the lock goes, every accepted write completes,
+/// and exactly the accepted ones were charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_writer_queue_sheds_writes() {
+    use sea_orm::{ColumnTrait, QueryFilter};
+    use std::time::{Duration, Instant};
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let server = start_on(
+        &db.url,
+        &[("LEDGER_QUEUE_DEPTH", "4")],
+        Arc::new(SystemClock),
+    )
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
+    let now = Utc::now().timestamp();
+    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
+    let service = keys.issue("svc", "internal", Role::Service, now, 3600);
+    pb::admin_service_client::AdminServiceClient::new(channel.clone())
+        .manual_adjust(authed(
+            &admin,
+            pb::ManualAdjustRequest {
+                org_id: "full".into(),
+                amount_micros: 100 * CREDIT,
+                reason: "initial".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("grant");
+    let other = sea_orm::Database::connect(&db.url).await.expect("connect");
+    let txn = other.begin().await.expect("begin");
+    txn.execute_unprepared("SELECT id FROM organizations WHERE external_id = 'full' FOR UPDATE")
+        .await
+        .expect("lock");
+
+    const CALLS: usize = 40;
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut calls = Vec::new();
+    for i in 0..CALLS {
+        let mut usage = pb::usage_service_client::UsageServiceClient::new(channel.clone());
+        let (service, refused) = (service.clone(), refused.clone());
+        calls.push(tokio::spawn(async move {
+            let answer = usage
+                .consume(authed(
+                    &service,
+                    pb::ConsumeRequest {
+                        org_id: "full".into(),
+                        meter: "storage_egress".into(),
+                        quantity: 1_000_000_000,
+                        idempotency_key: format!("shed-{i}"),
+                        ..Default::default()
+                    },
+                ))
+                .await;
+            if let Err(e) = &answer {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert_eq!(reason(e), "RESOURCE_EXHAUSTED");
+                refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            answer.map(|r| r.into_inner().charged_micros)
+        }));
+    }
+    // At most one batch (the first job and what had queued behind it, up
+    // to the depth) is held up inside the database, plus a full queue:
+    // every other call must be refused while the lock is held.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused.load(std::sync::atomic::Ordering::SeqCst) < CALLS - 2 * 4 - 1 {
+        assert!(Instant::now() < deadline, "the full queue did not shed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    txn.commit().await.expect("unlock");
+    let mut charged = 0;
+    let mut accepted = 0;
+    for call in calls {
+        if let Ok(micros) = call.await.expect("task") {
+            charged += micros;
+            accepted += 1;
+        }
+    }
+    assert!(accepted >= 1, "the writer took nothing");
+    assert_eq!(
+        accepted + refused.load(std::sync::atomic::Ordering::SeqCst),
+        CALLS
+    );
+    let org = organization::Entity::find()
+        .filter(organization::Column::ExternalId.eq("full"))
+        .one(&server.state.db)
+        .await
+        .expect("org")
+        .expect("exists");
+    assert_eq!(org.balance_micros, 100 * CREDIT - charged);
+    invariants::check(&server.state.db, Utc::now()).await;
+    other.close().await.expect("close");
+    server.shutdown().await.expect("stop");
 }
