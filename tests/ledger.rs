@@ -1138,3 +1138,42 @@ async fn organizations_can_be_created_outside_the_writer() -> R {
     }
     Ok(())
 }
+
+/// The background sweep goes on past an organization whose sweep fails,
+/// logging it: here one whose stored row was corrupted so that booking its
+/// expiry would take its balance below zero, which the database refuses.
+/// The other organization is swept all the same.
+#[tokio::test]
+async fn the_sweep_goes_on_past_an_organization_that_fails() -> R {
+    use sea_orm::ConnectionTrait;
+    for backend in backends() {
+        let clock = ManualClock::new(Utc::now());
+        let t = TestServer::start_with(backend, &[], Arc::new(clock.clone())).await;
+        let mut c = Clients::new(&t).await;
+        let now = clock.now();
+        // "broken" first, so it is swept first (by row id).
+        for org in ["broken", "fine"] {
+            c.grant(org, 2 * CREDIT, Some(TimeDelta::minutes(5)), now)
+                .await;
+        }
+        t.server
+            .state
+            .db
+            .execute_unprepared(
+                "UPDATE organizations SET balance_micros = 0 WHERE external_id = 'broken'",
+            )
+            .await?;
+        clock.advance(TimeDelta::minutes(10));
+        let swept = billing::ledger::sweeper::sweep_all(&t.server.state.ledger).await?;
+        assert_eq!(
+            swept, 1,
+            "{backend:?}: only the sound organization is swept"
+        );
+        let rows = invariants::rows_by_org(&t.server.state.db).await;
+        assert!(rows["fine"].iter().any(|r| r.kind == "expiry"));
+        assert!(!rows["broken"].iter().any(|r| r.kind == "expiry"));
+        assert_eq!(c.balance(&t, "fine").await.stored_micros, 0);
+        t.stop().await;
+    }
+    Ok(())
+}
