@@ -939,3 +939,255 @@ async fn a_full_writer_queue_sheds_writes() {
     other.close().await.expect("close");
     server.shutdown().await.expect("stop");
 }
+
+/// On PostgreSQL a batch of `Consume`s may start from the state its
+/// writer's last batch left and write in one checked statement (no load,
+/// no lock). Anything anyone else did meanwhile sends it back to the
+/// locking path, and the answer is the one a locked batch gives: a grant
+/// made through another replica is spent from, a replayed key answers its
+/// first charge, a refusal is decided again under the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_batches_give_way_to_anything_written_meanwhile() {
+    use std::sync::atomic::Ordering::SeqCst;
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let a = start_on(&db.url, &[], Arc::new(SystemClock)).await;
+    let b = start_on(&db.url, &[], Arc::new(SystemClock)).await;
+    let connect = |addr: std::net::SocketAddr| async move {
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    };
+    let (to_a, to_b) = (connect(a.grpc_addr).await, connect(b.grpc_addr).await);
+    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
+    let now = Utc::now().timestamp();
+    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
+    let service = keys.issue("svc", "internal", Role::Service, now, 3600);
+    let grant = |channel: Channel, amount: i64| {
+        let admin = admin.clone();
+        async move {
+            pb::admin_service_client::AdminServiceClient::new(channel)
+                .manual_adjust(authed(
+                    &admin,
+                    pb::ManualAdjustRequest {
+                        org_id: "warm".into(),
+                        amount_micros: amount,
+                        reason: "top-up".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .expect("grant")
+                .into_inner()
+                .balance_micros
+        }
+    };
+    let usage = pb::usage_service_client::UsageServiceClient::new(to_a.clone());
+    let consume = |key: &str, gigabytes: i64| {
+        let request = authed(
+            &service,
+            pb::ConsumeRequest {
+                org_id: "warm".into(),
+                meter: "storage_egress".into(),
+                quantity: gigabytes * 1_000_000_000,
+                idempotency_key: key.into(),
+                ..Default::default()
+            },
+        );
+        let mut usage = usage.clone();
+        async move { usage.consume(request).await }
+    };
+    let counts = a.state.ledger.batch_counts();
+
+    let mut balance = grant(to_a.clone(), 10 * CREDIT).await;
+    let first = consume("k1", 1).await.expect("k1").into_inner();
+    let cost = first.charged_micros;
+    assert!(cost > 0);
+    balance -= cost;
+    assert_eq!(first.balance_micros, balance);
+    let warm_before = counts.warm.load(SeqCst);
+    let second = consume("k2", 1).await.expect("k2").into_inner();
+    balance -= cost;
+    assert_eq!(second.balance_micros, balance);
+    assert_eq!(counts.warm.load(SeqCst), warm_before + 1, "k2 ran warm");
+
+    // Another replica grants: the warm state is stale.
+    balance = grant(to_b, 5 * CREDIT).await;
+    let fallbacks = counts.warm_fallbacks.load(SeqCst);
+    let third = consume("k3", 1).await.expect("k3").into_inner();
+    balance -= cost;
+    assert_eq!(third.balance_micros, balance, "the grant was seen");
+    assert_eq!(counts.warm_fallbacks.load(SeqCst), fallbacks + 1);
+
+    // A replay: the key is stored, the warm write fails on it.
+    let replay = consume("k3", 1).await.expect("replay").into_inner();
+    assert!(replay.duplicate);
+    assert_eq!(replay.transaction_id, third.transaction_id);
+    assert_eq!(counts.warm_fallbacks.load(SeqCst), fallbacks + 2);
+
+    // A refusal is decided under the lock.
+    let too_much = balance / cost + 1;
+    let err = consume("k4", too_much).await.expect_err("too much");
+    assert_eq!(reason(&err), "INSUFFICIENT_CREDITS");
+    let last = consume("k5", 1).await.expect("k5").into_inner();
+    balance -= cost;
+    assert_eq!(last.balance_micros, balance);
+
+    invariants::check(&a.state.db, Utc::now()).await;
+    a.shutdown().await.expect("stop A");
+    b.shutdown().await.expect("stop B");
+}
+
+/// Consume-only load on two replicas of one PostgreSQL, the pattern the
+/// warm path serves: 32 callers over two organizations, a third of the keys
+/// shared so replicas race on them. Both replicas run batches warm, and
+/// fall back when the other one wrote; afterwards every key was charged
+/// exactly once, every answer to a key names the same transaction, and the
+/// balances are exactly the grants less what callers were told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_batches_race_across_replicas_without_losing_a_credit() {
+    use std::sync::atomic::Ordering::SeqCst;
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    const WARM_ORGS: [&str; 2] = ["hot-a", "hot-b"];
+    let db = TestDb::new(Backend::Postgres).await;
+    let servers = [
+        start_on(&db.url, &[], Arc::new(SystemClock)).await,
+        start_on(&db.url, &[], Arc::new(SystemClock)).await,
+    ];
+    let mut channels = Vec::new();
+    for s in &servers {
+        channels.push(
+            Channel::from_shared(format!("http://{}", s.grpc_addr))
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect"),
+        );
+    }
+    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
+    let now = Utc::now().timestamp();
+    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
+    let service = keys.issue("svc", "internal", Role::Service, now, 3600);
+    for org in WARM_ORGS {
+        pb::admin_service_client::AdminServiceClient::new(channels[0].clone())
+            .manual_adjust(authed(
+                &admin,
+                pb::ManualAdjustRequest {
+                    org_id: org.into(),
+                    amount_micros: INITIAL,
+                    reason: "initial".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("grant");
+    }
+    /// Per key: organization, transaction id, charged, answers not marked
+    /// duplicate.
+    type Told = HashMap<String, (String, String, i64, u32)>;
+    let told: Arc<Mutex<Told>> = Arc::default();
+    let mut tasks = Vec::new();
+    for id in 0..32usize {
+        let mut usage = pb::usage_service_client::UsageServiceClient::new(
+            channels[id % channels.len()].clone(),
+        );
+        let (service, told) = (service.clone(), told.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(1000 + id as u64);
+            for n in 0..30 {
+                let org = WARM_ORGS[rng.random_range(0..WARM_ORGS.len())];
+                let key = if rng.random_bool(0.3) {
+                    format!("{org}-shared-{}", rng.random_range(0..20))
+                } else {
+                    format!("{org}-{id}-{n}")
+                };
+                let request = pb::ConsumeRequest {
+                    org_id: org.into(),
+                    meter: "storage_egress".into(),
+                    quantity: 100_000_000,
+                    idempotency_key: key.clone(),
+                    ..Default::default()
+                };
+                match usage.consume(authed(&service, request)).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        let mut told = told.lock().expect("told");
+                        let entry = told.entry(key).or_insert_with(|| {
+                            (
+                                org.to_owned(),
+                                r.transaction_id.clone(),
+                                r.charged_micros,
+                                0,
+                            )
+                        });
+                        assert_eq!(
+                            entry.1, r.transaction_id,
+                            "a replay answered another charge"
+                        );
+                        if !r.duplicate {
+                            entry.3 += 1;
+                        }
+                    }
+                    Err(e) => assert_eq!(reason(&e), "INSUFFICIENT_CREDITS", "{e:?}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("caller");
+    }
+    let conn = &servers[0].state.db;
+    invariants::check(conn, Utc::now()).await;
+    let told = std::mem::take(&mut *told.lock().expect("told"));
+    let rows = invariants::rows_by_org(conn).await;
+    for org in WARM_ORGS {
+        let charged: i64 = told
+            .values()
+            .filter(|(o, ..)| o == org)
+            .map(|(_, _, charged, _)| charged)
+            .sum();
+        let usage: Vec<_> = rows[org]
+            .iter()
+            .filter(|r| r.kind == "storage_egress")
+            .collect();
+        assert_eq!(
+            usage.len(),
+            told.values().filter(|(o, ..)| o == org).count(),
+            "{org}: one charge per key"
+        );
+        let o = organization::Entity::find()
+            .all(conn)
+            .await
+            .expect("orgs")
+            .into_iter()
+            .find(|o| o.external_id == org)
+            .expect("org");
+        assert_eq!(o.balance_micros, INITIAL - charged, "{org}: balance");
+    }
+    for (key, (_, _, _, firsts)) in &told {
+        assert_eq!(
+            *firsts, 1,
+            "{key} was answered as a first charge {firsts} times"
+        );
+    }
+    let warm: u64 = servers
+        .iter()
+        .map(|s| s.state.ledger.batch_counts().warm.load(SeqCst))
+        .sum();
+    let fallbacks: u64 = servers
+        .iter()
+        .map(|s| s.state.ledger.batch_counts().warm_fallbacks.load(SeqCst))
+        .sum();
+    eprintln!("warm batches {warm}, fallbacks {fallbacks}");
+    assert!(warm > 0, "no batch ran warm");
+    assert!(fallbacks > 0, "no warm batch met another replica's write");
+    for s in servers {
+        s.shutdown().await.expect("shutdown");
+    }
+}

@@ -2,13 +2,15 @@
 //!
 //! One migration set that runs unchanged on SQLite (the embedded default) and
 //! PostgreSQL: only portable column types, constraints written with sea-query
-//! so each backend gets its own dialect. Migrations are append-only: a change
+//! so each backend gets its own dialect (one PostgreSQL-only helper
+//! function, `write_conflict`, is a no-op on SQLite). Migrations are append-only: a change
 //! to the schema is a new `m<date>_<what>.rs`, never an edit of a shipped one.
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_initial_schema;
 mod m20261203_000001_hold_outcome;
+mod m20261203_000002_write_conflict;
 
 pub struct Migrator;
 
@@ -18,6 +20,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_initial_schema::Migration),
             Box::new(m20261203_000001_hold_outcome::Migration),
+            Box::new(m20261203_000002_write_conflict::Migration),
         ]
     }
 }

@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use balance::MAX_AGE_SHARED;
-pub use engine::{Ledger, Op, Outcome};
+pub use engine::{BatchCounts, Ledger, Op, Outcome};
 pub use model::LotKind;
 pub use rates::Rates;
 

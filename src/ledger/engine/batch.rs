@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Datelike, Utc};
-use sea_orm::{DatabaseTransaction, DbErr};
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
 
 use super::{
     idempotency::{IdemKey, replay, stored_response},
@@ -25,8 +25,11 @@ use crate::{
 };
 
 pub(super) enum BatchError {
-    /// The database failed: maybe transient.
+    /// The database failed and nothing was written: maybe transient.
     Db(DbErr),
+    /// An autocommitted write's connection failed while it ran: it may
+    /// have committed.
+    Unknown(DbErr),
     /// A broken invariant: never retried, nothing written.
     Rule(Error),
 }
@@ -60,11 +63,111 @@ pub(super) struct Extra {
     pub(super) audits: Vec<admin_audit::ActiveModel>,
 }
 
+/// What a batch leaves behind: each operation's answer, and for each
+/// organization the state a later batch may start from without loading
+/// (see [`Warm`]), or `None` when it must load.
+pub(super) struct Applied {
+    pub(super) outcomes: Vec<Result<Outcome>>,
+    pub(super) warm: Vec<(i64, Option<Warm>)>,
+}
+
+/// An organization's state as this worker's last committed batch left it,
+/// when that state is all a `Consume` needs: no open holds, every lot with
+/// credits left known by row id. A batch that starts from it skips the
+/// lock-and-load statement and writes in one autocommitted statement that
+/// changes nothing unless the organization row still holds exactly this
+/// balance, held amount and sequence number (every write of an
+/// organization's credits moves one of them), so a write by anyone else
+/// meanwhile sends the batch back to the locking path.
+#[derive(Clone)]
+pub(super) struct Warm {
+    balance: i64,
+    seq: i64,
+    lots: Vec<Lot>,
+}
+
+impl Warm {
+    /// The state `book` leaves, if a later batch may start from it.
+    fn of(book: &Book) -> Option<Self> {
+        let known = book.held == 0
+            && book.holds.is_empty()
+            && book.lots.iter().all(|l| matches!(l.id, LotRef::Stored(_)));
+        known.then(|| Self {
+            balance: book.balance,
+            seq: book.seq,
+            lots: book
+                .lots
+                .iter()
+                .filter(|l| l.remaining > 0)
+                .map(|l| Lot {
+                    dirty: false,
+                    ..l.clone()
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Where a batch's books come from.
+pub(super) enum Source<'a> {
+    /// Locked and loaded inside the batch's transaction.
+    Locked(&'a DatabaseTransaction),
+    /// This worker's [`Warm`] states (PostgreSQL, `Consume` only); the
+    /// write is autocommitted on `db` and checked.
+    Warm(&'a DatabaseConnection, HashMap<i64, Warm>),
+}
+
 pub(super) async fn apply_batch(
+    source: Source<'_>,
+    ops: &[Prepared],
+    now: DateTime<Utc>,
+) -> Result<Applied, BatchError> {
+    let mut expected: HashMap<i64, (i64, i64)> = HashMap::new();
+    let (mut books, idem_seen, granted_sources, via) = match source {
+        Source::Locked(txn) => {
+            let (books, idem_seen, granted) = load(txn, ops, now).await?;
+            (books, idem_seen, granted, Via::Txn(txn))
+        }
+        Source::Warm(db, warm) => {
+            let mut books = BTreeMap::new();
+            for (org_id, w) in warm {
+                expected.insert(org_id, (w.balance, w.seq));
+                let mut book = Book::new(org_id, w.balance, 0, w.seq, w.lots, Vec::new());
+                book.sweep(now, new_id);
+                books.insert(org_id, book);
+            }
+            // The keys are taken to be new: a stored one makes the write
+            // fail on the unique index, and the batch runs again locked.
+            (books, HashMap::new(), BTreeSet::new(), Via::Checked(db))
+        }
+    };
+    let (outcomes, extra) = apply_all(&mut books, idem_seen, granted_sources, ops, now)?;
+    if matches!(via, Via::Checked(_)) && outcomes.iter().any(Result::is_err) {
+        // A refusal may rest on a state another replica has moved on from
+        // (a grant it acknowledged): only a locked load may refuse.
+        return Err(BatchError::Db(DbErr::Custom(
+            "a warm batch refused an operation; running it locked".into(),
+        )));
+    }
+    write_batch(via, &books, extra, now, &expected).await?;
+    let warm = books.values().map(|b| (b.org_id, Warm::of(b))).collect();
+    Ok(Applied { outcomes, warm })
+}
+
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    Txn(&'a DatabaseTransaction),
+    Checked(&'a DatabaseConnection),
+}
+
+type IdemSeen = HashMap<(i64, &'static str, String), (String, String)>;
+
+/// Steps 1 and 2: lock the organizations and load their books.
+async fn load(
     txn: &DatabaseTransaction,
     ops: &[Prepared],
     now: DateTime<Utc>,
-) -> Result<Vec<Result<Outcome>>, BatchError> {
+) -> Result<(BTreeMap<i64, Book>, IdemSeen, BTreeSet<(String, String)>), BatchError> {
     let org_ids: Vec<i64> = ops
         .iter()
         .map(|p| p.org_id)
@@ -115,7 +218,7 @@ pub(super) async fn apply_batch(
         now,
     };
     let (orgs, loaded) = store::lock_and_load(txn, &wanted).await?;
-    let mut idem_seen: HashMap<(i64, &'static str, String), (String, String)> = HashMap::new();
+    let mut idem_seen: IdemSeen = HashMap::new();
     for r in loaded.idempotency {
         let method = match r.method.as_str() {
             "consume" => "consume",
@@ -125,7 +228,7 @@ pub(super) async fn apply_batch(
         };
         idem_seen.insert((r.org_id, method, r.key), (r.request_hash, r.response));
     }
-    let mut granted_sources = loaded.sources;
+    let granted_sources = loaded.sources;
 
     let mut lots_by_org: HashMap<i64, Vec<Lot>> = HashMap::new();
     for l in loaded.lots {
@@ -172,8 +275,17 @@ pub(super) async fn apply_batch(
         book.sweep(now, new_id);
         books.insert(o.id, book);
     }
+    Ok((books, idem_seen, granted_sources))
+}
 
-    // 3. Apply each operation in order.
+/// Step 3: apply each operation in order.
+fn apply_all(
+    books: &mut BTreeMap<i64, Book>,
+    mut idem_seen: IdemSeen,
+    mut granted_sources: BTreeSet<(String, String)>,
+    ops: &[Prepared],
+    now: DateTime<Utc>,
+) -> Result<(Vec<Result<Outcome>>, Extra), BatchError> {
     let mut extra = Extra::default();
     let mut outcomes = Vec::with_capacity(ops.len());
     for p in ops {
@@ -216,8 +328,19 @@ pub(super) async fn apply_batch(
         }
         outcomes.push(result);
     }
+    Ok((outcomes, extra))
+}
 
-    // 4. Write: new lots first (allocations need their ids), then the rest.
+/// Step 4: write, new lots first (allocations need their ids), then the
+/// rest; a checked write also makes sure each organization row is still
+/// as `expected` says (balance, sequence; no holds).
+async fn write_batch(
+    via: Via<'_>,
+    books: &BTreeMap<i64, Book>,
+    extra: Extra,
+    now: DateTime<Utc>,
+    expected: &HashMap<i64, (i64, i64)>,
+) -> Result<(), BatchError> {
     let mut new_lots = Vec::new();
     let mut new_lot_refs = Vec::new();
     for book in books.values() {
@@ -237,17 +360,47 @@ pub(super) async fn apply_batch(
             }
         }
     }
-    let new_lot_ids: HashMap<(i64, usize), i64> = if new_lots.is_empty() {
-        HashMap::new()
-    } else {
-        new_lot_refs
+    let new_lot_ids: HashMap<(i64, usize), i64> = match via {
+        _ if new_lots.is_empty() => HashMap::new(),
+        Via::Txn(txn) => new_lot_refs
             .into_iter()
             .zip(store::insert_lots(txn, new_lots).await?)
-            .collect()
+            .collect(),
+        Via::Checked(_) => {
+            return Err(BatchError::Rule(Error::internal(
+                "a warm batch created lots",
+            )));
+        }
     };
-    let rows = changed_rows(&books, extra, now, &new_lot_ids).map_err(BatchError::Rule)?;
-    store::write(txn, rows, now).await?;
-    Ok(outcomes)
+    let mut rows = changed_rows(books, extra, now, &new_lot_ids).map_err(BatchError::Rule)?;
+    match via {
+        Via::Txn(txn) => store::write(txn, rows, now).await?,
+        Via::Checked(db) => {
+            for org in &mut rows.orgs {
+                let Some(&(balance, seq)) = expected.get(&org.id) else {
+                    return Err(BatchError::Rule(Error::internal(format!(
+                        "no expected state for organization {}",
+                        org.id
+                    ))));
+                };
+                org.expected = Some(store::Expected {
+                    balance_micros: balance,
+                    held_micros: 0,
+                    ledger_seq: seq,
+                });
+            }
+            // The statement commits by itself: if its connection fails
+            // while it runs, it may or may not have committed.
+            store::write(db, rows, now).await.map_err(|e| {
+                if crate::db::is_connection_error(&e) {
+                    BatchError::Unknown(e)
+                } else {
+                    BatchError::Db(e)
+                }
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Every change the books and `extra` hold, as rows (new lots already
@@ -357,6 +510,7 @@ fn changed_rows(
                 balance_micros: book.balance,
                 held_micros: book.held,
                 ledger_seq: book.seq,
+                expected: None,
             });
         }
     }

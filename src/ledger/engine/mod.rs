@@ -20,7 +20,10 @@
 //!
 //! Steps 1, 2 and 4 are `store`'s: on PostgreSQL one statement
 //! locks and loads and one statement writes, so a batch is four round trips
-//! whatever its size.
+//! whatever its size. A batch of `Consume`s whose organizations the worker
+//! knows from its own last batch skips steps 1 and 2 and writes in one
+//! autocommitted statement that checks nothing changed meanwhile (see
+//! `batch::Warm`): one round trip.
 //!
 //! The parts: `ops` (the operations and how each applies to a book),
 //! `idempotency` (fingerprints and stored answers), `worker` (the queue
@@ -106,6 +109,18 @@ struct Inner {
     /// PostgreSQL: the organizations written, for the other replicas'
     /// balance caches (see [`super::balance::announce`]).
     written: Option<mpsc::UnboundedSender<Vec<i64>>>,
+    counts: BatchCounts,
+}
+
+/// How batches ran, since the start (for operators and tests).
+#[derive(Debug, Default)]
+pub struct BatchCounts {
+    /// Written from a warm state, without loading (PostgreSQL).
+    pub warm: std::sync::atomic::AtomicU64,
+    /// Tried warm, not written, run again locked.
+    pub warm_fallbacks: std::sync::atomic::AtomicU64,
+    /// Run on the locking path (committed).
+    pub locked: std::sync::atomic::AtomicU64,
 }
 
 /// The ledger's write side and its caches. Cheap to clone.
@@ -166,6 +181,7 @@ impl Ledger {
                 orgs: RwLock::new(HashMap::new()),
                 write_lock: sqlite.then(|| Mutex::new(())),
                 written,
+                counts: BatchCounts::default(),
                 balances: Arc::new(std::sync::Mutex::new(if sqlite {
                     BalanceCache::single_writer()
                 } else {
@@ -208,6 +224,7 @@ impl Ledger {
                             ledger: worker_ledger.clone(),
                             db: db.clone(),
                             queue,
+                            warm: Default::default(),
                         };
                         tasks.push(tokio::spawn(worker.work(worker_stop.clone())));
                     }
@@ -250,6 +267,11 @@ impl Ledger {
 
     pub fn db(&self) -> &DatabaseConnection {
         &self.inner.db
+    }
+
+    /// How batches ran so far.
+    pub fn batch_counts(&self) -> &BatchCounts {
+        &self.inner.counts
     }
 
     /// Tells the other replicas that `orgs` were written (PostgreSQL).

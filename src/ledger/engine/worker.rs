@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
+    sync::atomic::Ordering::Relaxed,
     time::Duration,
 };
 
@@ -13,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Job, Ledger, MAX_BATCH,
-    batch::{BatchError, apply_batch},
+    batch::{BatchError, Source, Warm, apply_batch},
     idempotency::{IdemKey, request_hash},
     ops::{Op, Outcome, Prepared},
 };
@@ -59,7 +60,14 @@ pub(super) struct Worker {
     pub(super) ledger: Ledger,
     pub(super) db: DatabaseConnection,
     pub(super) queue: mpsc::Receiver<Job>,
+    /// What this worker's last committed batches left, per organization
+    /// (PostgreSQL): see [`Warm`].
+    pub(super) warm: std::sync::Mutex<HashMap<i64, Warm>>,
 }
+
+/// Organizations whose warm state a worker keeps at most (a bound on
+/// memory: past it, it starts over).
+const MAX_WARM: usize = 100_000;
 
 impl std::ops::Deref for Worker {
     type Target = Ledger;
@@ -355,7 +363,39 @@ impl Worker {
     }
 
     /// One transaction over `ops`, retried on transient failures.
+    ///
+    /// On PostgreSQL a batch of `Consume`s whose organizations this worker
+    /// knows from its last batch ([`Warm`]) first runs without loading:
+    /// one autocommitted write, checked against the organization rows. If
+    /// that write fails without writing (someone else wrote, a key was
+    /// stored already, an operation was refused) the batch runs again on
+    /// the locking path, which always progresses.
     async fn transact(&self, ops: &[Prepared]) -> Result<Vec<Result<Outcome>>> {
+        if let Some(warm) = self.warm_for(ops) {
+            let now = self.now();
+            match apply_batch(Source::Warm(&self.db, warm), ops, now).await {
+                Ok(applied) => {
+                    self.keep_warm(applied.warm);
+                    self.written(ops);
+                    self.inner.counts.warm.fetch_add(1, Relaxed);
+                    return Ok(applied.outcomes);
+                }
+                Err(BatchError::Unknown(e)) => {
+                    self.forget_warm(ops);
+                    return Err(self.outcome_unknown(ops, &e));
+                }
+                Err(BatchError::Rule(e)) => {
+                    self.forget_warm(ops);
+                    self.forget_balances(ops);
+                    return Err(e);
+                }
+                Err(BatchError::Db(e)) => {
+                    tracing::debug!(error = %e, "warm batch not written; running it locked");
+                    self.forget_warm(ops);
+                    self.inner.counts.warm_fallbacks.fetch_add(1, Relaxed);
+                }
+            }
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -366,25 +406,21 @@ impl Worker {
             let now = self.now();
             let result = match self.db.begin().await {
                 Err(e) => Err(e),
-                Ok(txn) => match apply_batch(&txn, ops, now).await {
-                    Ok(outcomes) => match txn.commit().await {
-                        Ok(()) => Ok(outcomes),
+                Ok(txn) => match apply_batch(Source::Locked(&txn), ops, now).await {
+                    Ok(applied) => match txn.commit().await {
+                        Ok(()) => Ok(applied),
                         Err(e) => {
-                            // The COMMIT may or may not have reached the
-                            // database: running the batch again could apply
-                            // it twice. Only the callers can resolve it, by
-                            // retrying with their idempotency keys.
-                            self.written(ops);
-                            tracing::warn!(error = %e, ops = ops.len(), "ledger COMMIT failed; outcome unknown");
-                            return Err(Error::Unavailable(OUTCOME_UNKNOWN.into()));
+                            self.forget_warm(ops);
+                            return Err(self.outcome_unknown(ops, &e));
                         }
                     },
-                    Err(BatchError::Db(e)) => {
+                    Err(BatchError::Db(e) | BatchError::Unknown(e)) => {
                         let _ = txn.rollback().await;
                         Err(e)
                     }
                     Err(BatchError::Rule(e)) => {
                         let _ = txn.rollback().await;
+                        self.forget_warm(ops);
                         self.forget_balances(ops);
                         return Err(e);
                     }
@@ -394,9 +430,11 @@ impl Worker {
             // while it ran is never kept.
             self.forget_balances(ops);
             match result {
-                Ok(outcomes) => {
+                Ok(applied) => {
+                    self.keep_warm(applied.warm);
                     self.ledger.announce(ops.iter().map(|p| p.org_id));
-                    return Ok(outcomes);
+                    self.inner.counts.locked.fetch_add(1, Relaxed);
+                    return Ok(applied.outcomes);
                 }
                 Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
                     drop(_guard);
@@ -404,7 +442,73 @@ impl Worker {
                     tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
                 }
                 // A lost connection becomes UNAVAILABLE here (`From<DbErr>`).
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.forget_warm(ops);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// The write may or may not have reached the database: running the
+    /// batch again could apply it twice. Only the callers can resolve it,
+    /// by retrying with their idempotency keys.
+    fn outcome_unknown(&self, ops: &[Prepared], e: &DbErr) -> Error {
+        self.written(ops);
+        tracing::warn!(error = %e, ops = ops.len(), "ledger write failed midway; outcome unknown");
+        Error::Unavailable(OUTCOME_UNKNOWN.into())
+    }
+
+    /// The warm states of every organization of `ops`, if the batch can
+    /// start from them: PostgreSQL, `Consume`s only, each organization
+    /// known.
+    fn warm_for(&self, ops: &[Prepared]) -> Option<HashMap<i64, Warm>> {
+        if self.inner.write_lock.is_some() {
+            return None;
+        }
+        let usage_only = ops.iter().all(|p| match p.op {
+            Op::Consume(_) => true,
+            Op::Reserve(_)
+            | Op::Commit(_)
+            | Op::Release(_)
+            | Op::Adjust(_)
+            | Op::Grant(_)
+            | Op::Sweep(_) => false,
+        });
+        if !usage_only {
+            return None;
+        }
+        let warm = self.warm.lock().ok()?;
+        let mut out = HashMap::new();
+        for p in ops {
+            out.insert(p.org_id, warm.get(&p.org_id)?.clone());
+        }
+        Some(out)
+    }
+
+    /// Remembers what a committed batch left (or forgets it, where a later
+    /// batch must load).
+    fn keep_warm(&self, states: Vec<(i64, Option<Warm>)>) {
+        if self.inner.write_lock.is_some() {
+            return;
+        }
+        if let Ok(mut warm) = self.warm.lock() {
+            if warm.len() > MAX_WARM {
+                warm.clear();
+            }
+            for (org, state) in states {
+                match state {
+                    Some(s) => warm.insert(org, s),
+                    None => warm.remove(&org),
+                };
+            }
+        }
+    }
+
+    fn forget_warm(&self, ops: &[Prepared]) {
+        if let Ok(mut warm) = self.warm.lock() {
+            for p in ops {
+                warm.remove(&p.org_id);
             }
         }
     }

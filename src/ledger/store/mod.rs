@@ -5,8 +5,9 @@
 //!   where a round trip is a function call);
 //! * [`postgres`]: hand-written SQL with the rows passed as JSON, so every
 //!   step is one statement with a fixed text (prepared once, planned once)
-//!   and a batch is five round trips whatever it holds: `BEGIN`, lock,
-//!   load, write, `COMMIT`.
+//!   and a batch is four round trips whatever it holds: `BEGIN`, lock and
+//!   load, write, `COMMIT` (or one, for a warm batch: a checked,
+//!   autocommitted write; see [`Expected`]).
 //!
 //! Both are driven by the same engine code and the same tests (every
 //! integration test runs on SQLite and on PostgreSQL).
@@ -29,6 +30,21 @@ pub(super) struct OrgRow {
     pub id: i64,
     pub balance_micros: i64,
     pub held_micros: i64,
+    pub ledger_seq: i64,
+    /// PostgreSQL, an unlocked batch: the row must still hold these values
+    /// when it is written, or the whole write fails and changes nothing.
+    #[serde(flatten)]
+    pub expected: Option<Expected>,
+}
+
+/// What an organization row held when an unlocked batch started from it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(super) struct Expected {
+    #[serde(rename = "expected_balance")]
+    pub balance_micros: i64,
+    #[serde(rename = "expected_held")]
+    pub held_micros: i64,
+    #[serde(rename = "expected_seq")]
     pub ledger_seq: i64,
 }
 
@@ -181,8 +197,8 @@ pub(in crate::ledger) fn stored_lot(row: credit_lot::Model) -> Option<Lot> {
     })
 }
 
-fn is_postgres(txn: &DatabaseTransaction) -> bool {
-    txn.get_database_backend() == DbBackend::Postgres
+fn is_postgres(conn: &impl ConnectionTrait) -> bool {
+    conn.get_database_backend() == DbBackend::Postgres
 }
 
 /// Locks the organizations' rows in id order, then loads what `wanted`
@@ -207,9 +223,10 @@ pub(super) async fn insert_lots(
     portable::insert_lots(txn, lots).await
 }
 
-/// Writes `rows`.
+/// Writes `rows` (in a transaction, or autocommitted on PostgreSQL when
+/// the organization rows carry [`Expected`] values).
 pub(super) async fn write(
-    txn: &DatabaseTransaction,
+    txn: &impl ConnectionTrait,
     mut rows: Rows,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {

@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait,
     ActiveValue::Set,
-    ColumnTrait, Condition, DatabaseTransaction, DbErr, EntityTrait, IntoActiveModel, QueryFilter,
-    QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
+    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
     sea_query::{CaseStatement, Expr, ExprTrait, IntoColumnRef, OnConflict},
 };
 
@@ -75,6 +75,7 @@ async fn lock_orgs(txn: &DatabaseTransaction, org_ids: &[i64]) -> Result<Vec<Org
             balance_micros: o.balance_micros,
             held_micros: o.held_micros,
             ledger_seq: o.ledger_seq,
+            expected: None,
         })
         .collect())
 }
@@ -184,7 +185,7 @@ pub(super) async fn insert_lots(
 }
 
 pub(super) async fn insert_audits(
-    txn: &DatabaseTransaction,
+    txn: &impl ConnectionTrait,
     audits: Vec<admin_audit::ActiveModel>,
 ) -> Result<(), DbErr> {
     if !audits.is_empty() {
@@ -196,7 +197,7 @@ pub(super) async fn insert_audits(
 }
 
 pub(super) async fn write(
-    txn: &DatabaseTransaction,
+    txn: &impl ConnectionTrait,
     rows: Rows,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {

@@ -113,15 +113,24 @@ idempotency AS (
   INSERT INTO idempotency_records (org_id, method, key, request_hash, response, created_at)
   SELECT x.org_id, x.method, x.key, x.request_hash, x.response, $9
     FROM json_to_recordset($7::json) AS x(org_id bigint, method text, key text,
-                                     request_hash text, response text)),
-orgs AS (
-  UPDATE organizations AS o
-     SET balance_micros = x.balance_micros, held_micros = x.held_micros,
-         ledger_seq = x.ledger_seq, updated_at = $9
-    FROM json_to_recordset($8::json) AS x(id bigint, balance_micros bigint, held_micros bigint,
-                                     ledger_seq bigint)
-   WHERE o.id = x.id)
-SELECT 1
+                                     request_hash text, response text))
+-- The organizations last and as the statement itself: data-modifying CTEs
+-- that nothing references run after it, so the write locks its
+-- organizations before their lots, as the locking path does. A row that
+-- no longer holds the expected values (an unlocked batch's; see
+-- `store::Expected`) aborts the whole statement.
+UPDATE organizations AS o
+   SET balance_micros = CASE WHEN x.expected_seq IS NULL
+                               OR (o.ledger_seq = x.expected_seq
+                                   AND o.balance_micros = x.expected_balance
+                                   AND o.held_micros = x.expected_held)
+                             THEN x.balance_micros
+                             ELSE billing_write_conflict(o.id) END,
+       held_micros = x.held_micros, ledger_seq = x.ledger_seq, updated_at = $9
+  FROM json_to_recordset($8::json) AS x(id bigint, balance_micros bigint, held_micros bigint,
+                                   ledger_seq bigint, expected_balance bigint,
+                                   expected_held bigint, expected_seq bigint)
+ WHERE o.id = x.id
 "#;
 
 /// A timestamp as PostgreSQL stores it: microseconds (truncated, as the
@@ -226,6 +235,7 @@ async fn try_lock_and_load(
             balance_micros: row.try_get("", "balance_micros")?,
             held_micros: row.try_get("", "held_micros")?,
             ledger_seq: row.try_get("", "ledger_seq")?,
+            expected: None,
         });
         let text = |col: &str| row.try_get::<String>("", col);
         loaded
@@ -257,7 +267,7 @@ fn idem_rows(text: &str) -> Result<Vec<IdemRow>, DbErr> {
 }
 
 pub(super) async fn write(
-    txn: &DatabaseTransaction,
+    txn: &impl ConnectionTrait,
     rows: Rows,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
