@@ -9,11 +9,13 @@
 //! callers really call (a tonic `Channel` multiplexes every call on one
 //! connection).
 //!
-//! On PostgreSQL it first runs pgbench's built-in TPC-B script against a
+//! On PostgreSQL it runs pgbench's built-in TPC-B script against a
 //! scratch database of the same server, initialised at a scale of at least
 //! the caller count (pgbench's documentation asks for it: at scale 1 every
 //! transaction updates the one branch row and pgbench measures lock
-//! contention). At the end it prints the ratios the README reports:
+//! contention), just before each `Consume` run, so each ratio compares two
+//! measurements seconds apart. At the end it prints the ratios the README
+//! reports:
 //! `Consume` / pgbench, `GetBalance` / health check and `CheckAllowance` /
 //! health check, each for every connection count.
 
@@ -119,6 +121,8 @@ struct Run {
     workload: Workload,
     connections: usize,
     figures: Figures,
+    /// pgbench's tps, measured just before (Consume on PostgreSQL).
+    pgbench: Option<f64>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -218,8 +222,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let scale = args.pgbench_scale.unwrap_or(args.clients).max(args.clients);
-    let pgbench = if backend == "postgres" && !args.no_pgbench {
-        Some(pgbench(&database_url, args.clients, scale, args.seconds).await?)
+    let pgbench_db = if backend == "postgres" && !args.no_pgbench {
+        Some(pgbench_init(&database_url, scale).await?)
     } else {
         None
     };
@@ -231,6 +235,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for &conns in &connections {
         for &workload in &workloads {
+            // pgbench runs just before each Consume run, so the ratio
+            // compares two measurements taken seconds apart (this
+            // machine's speed drifts over minutes).
+            let pgbench = match (&pgbench_db, workload) {
+                (Some(scratch), Workload::Consume) => {
+                    let tps = pgbench_run(scratch, args.clients, args.seconds)?;
+                    println!(
+                        "{:<15} {:>5} {:>9} {:>11.0}   (pgbench TPC-B -i -s {scale}; -c {} -j 2 -T {})",
+                        "pgbench", "", "", tps, args.clients, args.seconds
+                    );
+                    Some(tps)
+                }
+                _ => None,
+            };
             let figures = drive(&url, &keys, &orgs, &args, workload, conns).await?;
             println!(
                 "{:<15} {:>5} {:>9} {:>11.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
@@ -247,16 +265,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 workload,
                 connections: conns,
                 figures,
+                pgbench,
             });
         }
     }
-    if let Some(tps) = pgbench {
-        println!(
-            "pgbench TPC-B (-i -s {scale}; -c {} -j 2 -T {}): {tps:.0} tps",
-            args.clients, args.seconds
-        );
+    if pgbench_db.is_some() {
+        pgbench_drop(&database_url).await?;
     }
-    print_ratios(&runs, pgbench);
+    print_ratios(&runs);
     if let Some(server) = server {
         server.shutdown().await?;
     }
@@ -265,7 +281,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// The ratios the README reports, per connection count.
-fn print_ratios(runs: &[Run], pgbench: Option<f64>) {
+fn print_ratios(runs: &[Run]) {
     let find = |workload: Workload, connections: usize| {
         runs.iter()
             .find(|r| r.workload == workload && r.connections == connections)
@@ -276,7 +292,7 @@ fn print_ratios(runs: &[Run], pgbench: Option<f64>) {
         let f = &run.figures;
         match run.workload {
             Workload::Consume => {
-                if let Some(tps) = pgbench {
+                if let Some(tps) = run.pgbench {
                     println!(
                         "ratio Consume / pgbench TPC-B, {c} connections: {:.2}x (p99 {:.2} ms)",
                         f.rate() / tps,
@@ -420,14 +436,10 @@ async fn drive(
     })
 }
 
-/// pgbench TPC-B on a scratch database `billing_pgbench` of the server
-/// behind `database_url`, initialised at `scale`; returns its tps.
-async fn pgbench(
-    database_url: &str,
-    clients: usize,
-    scale: usize,
-    seconds: u64,
-) -> anyhow::Result<f64> {
+/// The scratch database `billing_pgbench` of the server behind
+/// `database_url`, created and initialised for pgbench at `scale`; returns
+/// its URL.
+async fn pgbench_init(database_url: &str, scale: usize) -> anyhow::Result<String> {
     let (base, query) = match database_url.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),
         None => (database_url, String::new()),
@@ -453,7 +465,11 @@ async fn pgbench(
             String::from_utf8_lossy(&init.stderr)
         );
     }
-    println!("pgbench: running TPC-B for {seconds} s…");
+    Ok(scratch)
+}
+
+/// One pgbench TPC-B run on `scratch`; returns its tps.
+fn pgbench_run(scratch: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
     let out = Command::new("pgbench")
         .args([
             "-c",
@@ -462,12 +478,11 @@ async fn pgbench(
             "2",
             "-T",
             &seconds.to_string(),
-            &scratch,
+            scratch,
         ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let tps = text
-        .lines()
+    text.lines()
         .find(|l| l.starts_with("tps = "))
         .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
@@ -476,10 +491,13 @@ async fn pgbench(
                 "no tps in pgbench output: {text}{}",
                 String::from_utf8_lossy(&out.stderr)
             )
-        })?;
+        })
+}
+
+async fn pgbench_drop(database_url: &str) -> anyhow::Result<()> {
     let admin = Database::connect(database_url).await?;
     admin
         .execute_unprepared("DROP DATABASE IF EXISTS billing_pgbench")
         .await?;
-    Ok(tps)
+    Ok(())
 }
