@@ -108,13 +108,14 @@ impl Warm {
     }
 }
 
-/// Where a batch's books come from.
+/// Where a batch's books come from, and so how it writes.
+#[derive(Clone, Copy)]
 pub(super) enum Source<'a> {
     /// Locked and loaded inside the batch's transaction.
     Locked(&'a DatabaseTransaction),
     /// This worker's [`Warm`] states (PostgreSQL, `Consume` only); the
-    /// write is autocommitted on `db` and checked.
-    Warm(&'a DatabaseConnection, HashMap<i64, Warm>),
+    /// write is autocommitted on `db` and checked against them.
+    Warm(&'a DatabaseConnection, &'a HashMap<i64, Warm>),
 }
 
 pub(super) async fn apply_batch(
@@ -122,42 +123,31 @@ pub(super) async fn apply_batch(
     ops: &[Prepared],
     now: DateTime<Utc>,
 ) -> Result<Applied, BatchError> {
-    let mut expected: HashMap<i64, (i64, i64)> = HashMap::new();
-    let (mut books, idem_seen, granted_sources, via) = match source {
-        Source::Locked(txn) => {
-            let (books, idem_seen, granted) = load(txn, ops, now).await?;
-            (books, idem_seen, granted, Via::Txn(txn))
-        }
-        Source::Warm(db, warm) => {
+    let (mut books, idem_seen, granted_sources) = match source {
+        Source::Locked(txn) => load(txn, ops, now).await?,
+        Source::Warm(_, warm) => {
             let mut books = BTreeMap::new();
-            for (org_id, w) in warm {
-                expected.insert(org_id, (w.balance, w.seq));
-                let mut book = Book::new(org_id, w.balance, 0, w.seq, w.lots, Vec::new());
+            for (&org_id, w) in warm {
+                let mut book = Book::new(org_id, w.balance, 0, w.seq, w.lots.clone(), Vec::new());
                 book.sweep(now, new_id);
                 books.insert(org_id, book);
             }
             // The keys are taken to be new: a stored one makes the write
             // fail on the unique index, and the batch runs again locked.
-            (books, HashMap::new(), BTreeSet::new(), Via::Checked(db))
+            (books, HashMap::new(), BTreeSet::new())
         }
     };
     let (outcomes, extra) = apply_all(&mut books, idem_seen, granted_sources, ops, now)?;
-    if matches!(via, Via::Checked(_)) && outcomes.iter().any(Result::is_err) {
+    if matches!(source, Source::Warm(..)) && outcomes.iter().any(Result::is_err) {
         // A refusal may rest on a state another replica has moved on from
         // (a grant it acknowledged): only a locked load may refuse.
         return Err(BatchError::Db(DbErr::Custom(
             "a warm batch refused an operation; running it locked".into(),
         )));
     }
-    write_batch(via, &books, extra, now, &expected).await?;
+    write_batch(source, &books, extra, now).await?;
     let warm = books.values().map(|b| (b.org_id, Warm::of(b))).collect();
     Ok(Applied { outcomes, warm })
-}
-
-#[derive(Clone, Copy)]
-enum Via<'a> {
-    Txn(&'a DatabaseTransaction),
-    Checked(&'a DatabaseConnection),
 }
 
 type IdemSeen = HashMap<(i64, &'static str, String), (String, String)>;
@@ -333,13 +323,12 @@ fn apply_all(
 
 /// Step 4: write, new lots first (allocations need their ids), then the
 /// rest; a checked write also makes sure each organization row is still
-/// as `expected` says (balance, sequence; no holds).
+/// as its warm state says (balance, sequence; no holds).
 async fn write_batch(
-    via: Via<'_>,
+    source: Source<'_>,
     books: &BTreeMap<i64, Book>,
     extra: Extra,
     now: DateTime<Utc>,
-    expected: &HashMap<i64, (i64, i64)>,
 ) -> Result<(), BatchError> {
     let mut new_lots = Vec::new();
     let mut new_lot_refs = Vec::new();
@@ -360,33 +349,33 @@ async fn write_batch(
             }
         }
     }
-    let new_lot_ids: HashMap<(i64, usize), i64> = match via {
+    let new_lot_ids: HashMap<(i64, usize), i64> = match source {
         _ if new_lots.is_empty() => HashMap::new(),
-        Via::Txn(txn) => new_lot_refs
+        Source::Locked(txn) => new_lot_refs
             .into_iter()
             .zip(store::insert_lots(txn, new_lots).await?)
             .collect(),
-        Via::Checked(_) => {
+        Source::Warm(..) => {
             return Err(BatchError::Rule(Error::internal(
                 "a warm batch created lots",
             )));
         }
     };
     let mut rows = changed_rows(books, extra, now, &new_lot_ids).map_err(BatchError::Rule)?;
-    match via {
-        Via::Txn(txn) => store::write(txn, rows, now).await?,
-        Via::Checked(db) => {
+    match source {
+        Source::Locked(txn) => store::write(txn, rows, now).await?,
+        Source::Warm(db, warm) => {
             for org in &mut rows.orgs {
-                let Some(&(balance, seq)) = expected.get(&org.id) else {
+                let Some(w) = warm.get(&org.id) else {
                     return Err(BatchError::Rule(Error::internal(format!(
                         "no expected state for organization {}",
                         org.id
                     ))));
                 };
                 org.expected = Some(store::Expected {
-                    balance_micros: balance,
+                    balance_micros: w.balance,
                     held_micros: 0,
-                    ledger_seq: seq,
+                    ledger_seq: w.seq,
                 });
             }
             // The statement commits by itself: if its connection fails

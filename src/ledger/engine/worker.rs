@@ -373,7 +373,7 @@ impl Worker {
     async fn transact(&self, ops: &[Prepared]) -> Result<Vec<Result<Outcome>>> {
         if let Some(warm) = self.warm_for(ops) {
             let now = self.now();
-            match apply_batch(Source::Warm(&self.db, warm), ops, now).await {
+            match apply_batch(Source::Warm(&self.db, &warm), ops, now).await {
                 Ok(applied) => {
                     self.keep_warm(applied.warm);
                     self.written(ops);
