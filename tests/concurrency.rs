@@ -20,7 +20,9 @@ use billing::{
     pb,
 };
 use chrono::Utc;
-use common::{Backend, JWT_SECRET, TestDb, authed, backends, invariants, reason, start_on};
+use common::{
+    Backend, JWT_SECRET, TestDb, authed, backends, connect, invariants, reason, start_on,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sea_orm::{ConnectionTrait, EntityTrait, TransactionTrait};
 use tonic::transport::Channel;
@@ -242,30 +244,12 @@ async fn run(backend: Backend, replicas: usize) {
     }
     let mut channels = Vec::new();
     for s in &servers {
-        channels.push(
-            Channel::from_shared(format!("http://{}", s.grpc_addr))
-                .expect("url")
-                .connect()
-                .await
-                .expect("connect"),
-        );
+        channels.push(connect(s.grpc_addr).await);
     }
 
     // Seed each organization through the first replica.
-    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
-    let admin = keys.issue("root", "ops", Role::Admin, Utc::now().timestamp(), 3600);
-    let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channels[0].clone());
     for org in ORGS {
-        let request = pb::ManualAdjustRequest {
-            org_id: org.into(),
-            amount_micros: INITIAL,
-            reason: "initial".into(),
-            ..Default::default()
-        };
-        admin_client
-            .manual_adjust(authed(&admin, request))
-            .await
-            .expect("seed");
+        grant(&channels[0], org, INITIAL).await;
     }
 
     let tally: Arc<Mutex<HashMap<String, Tally>>> = Arc::default();
@@ -380,6 +364,27 @@ async fn concurrent_callers_never_lose_or_double_count() {
     }
 }
 
+/// Grants `amount` µcr to `org` through `channel`, as an admin's manual
+/// adjustment; returns the balance after it.
+async fn grant(channel: &Channel, org: &str, amount: i64) -> i64 {
+    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
+    let admin = keys.issue("root", "ops", Role::Admin, Utc::now().timestamp(), 3600);
+    pb::admin_service_client::AdminServiceClient::new(channel.clone())
+        .manual_adjust(authed(
+            &admin,
+            pb::ManualAdjustRequest {
+                org_id: org.into(),
+                amount_micros: amount,
+                reason: "initial".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("grant")
+        .into_inner()
+        .balance_micros
+}
+
 /// A PostgreSQL server whose `orgs` were granted `amount` each, with
 /// tokens and a channel; `None` when the run has no PostgreSQL.
 struct Granted {
@@ -397,20 +402,8 @@ async fn postgres_server_granting(orgs: &[&str], amount: i64) -> Option<Granted>
     let admin = server.token(Role::Admin, "ops");
     let service = server.token(Role::Service, "internal");
     let channel = server.channel().await;
-    let mut admin_client = pb::admin_service_client::AdminServiceClient::new(channel.clone());
     for org in orgs {
-        admin_client
-            .manual_adjust(authed(
-                &admin,
-                pb::ManualAdjustRequest {
-                    org_id: (*org).into(),
-                    amount_micros: amount,
-                    reason: "initial".into(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .expect("grant");
+        grant(&channel, org, amount).await;
     }
     Some(Granted {
         server,
@@ -740,31 +733,12 @@ async fn another_replicas_reads_show_a_write_within_a_bound() {
     let db = TestDb::new(Backend::Postgres).await;
     let a = start_on(&db.url, &[], Arc::new(SystemClock)).await;
     let b = start_on(&db.url, &[], Arc::new(SystemClock)).await;
-    let connect = |addr: std::net::SocketAddr| async move {
-        Channel::from_shared(format!("http://{addr}"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
-    };
     let (to_a, to_b) = (connect(a.grpc_addr).await, connect(b.grpc_addr).await);
     let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
     let now = Utc::now().timestamp();
-    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
     let service = keys.issue("svc", "internal", Role::Service, now, 3600);
     let user = keys.issue("u", "stale", Role::User, now, 3600);
-    pb::admin_service_client::AdminServiceClient::new(to_a.clone())
-        .manual_adjust(authed(
-            &admin,
-            pb::ManualAdjustRequest {
-                org_id: "stale".into(),
-                amount_micros: 1000 * CREDIT,
-                reason: "initial".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("grant");
+    grant(&to_a, "stale", 1000 * CREDIT).await;
     let mut usage_a = pb::usage_service_client::UsageServiceClient::new(to_a.clone());
     let mut credits_a = pb::credits_service_client::CreditsServiceClient::new(to_a);
     let mut credits_b = pb::credits_service_client::CreditsServiceClient::new(to_b);
@@ -852,27 +826,11 @@ async fn a_full_writer_queue_sheds_writes() {
         Arc::new(SystemClock),
     )
     .await;
-    let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = connect(server.grpc_addr).await;
     let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
     let now = Utc::now().timestamp();
-    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
     let service = keys.issue("svc", "internal", Role::Service, now, 3600);
-    pb::admin_service_client::AdminServiceClient::new(channel.clone())
-        .manual_adjust(authed(
-            &admin,
-            pb::ManualAdjustRequest {
-                org_id: "full".into(),
-                amount_micros: 100 * CREDIT,
-                reason: "initial".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("grant");
+    grant(&channel, "full", 100 * CREDIT).await;
     let other = sea_orm::Database::connect(&db.url).await.expect("connect");
     let txn = other.begin().await.expect("begin");
     txn.execute_unprepared("SELECT id FROM organizations WHERE external_id = 'full' FOR UPDATE")
@@ -955,37 +913,10 @@ async fn warm_batches_give_way_to_anything_written_meanwhile() {
     let db = TestDb::new(Backend::Postgres).await;
     let a = start_on(&db.url, &[], Arc::new(SystemClock)).await;
     let b = start_on(&db.url, &[], Arc::new(SystemClock)).await;
-    let connect = |addr: std::net::SocketAddr| async move {
-        Channel::from_shared(format!("http://{addr}"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
-    };
     let (to_a, to_b) = (connect(a.grpc_addr).await, connect(b.grpc_addr).await);
     let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
     let now = Utc::now().timestamp();
-    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
     let service = keys.issue("svc", "internal", Role::Service, now, 3600);
-    let grant = |channel: Channel, amount: i64| {
-        let admin = admin.clone();
-        async move {
-            pb::admin_service_client::AdminServiceClient::new(channel)
-                .manual_adjust(authed(
-                    &admin,
-                    pb::ManualAdjustRequest {
-                        org_id: "warm".into(),
-                        amount_micros: amount,
-                        reason: "top-up".into(),
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .expect("grant")
-                .into_inner()
-                .balance_micros
-        }
-    };
     let usage = pb::usage_service_client::UsageServiceClient::new(to_a.clone());
     let consume = |key: &str, gigabytes: i64| {
         let request = authed(
@@ -1003,7 +934,7 @@ async fn warm_batches_give_way_to_anything_written_meanwhile() {
     };
     let counts = a.state.ledger.batch_counts();
 
-    let mut balance = grant(to_a.clone(), 10 * CREDIT).await;
+    let mut balance = grant(&to_a, "warm", 10 * CREDIT).await;
     let first = consume("k1", 1).await.expect("k1").into_inner();
     let cost = first.charged_micros;
     assert!(cost > 0);
@@ -1016,7 +947,7 @@ async fn warm_batches_give_way_to_anything_written_meanwhile() {
     assert_eq!(counts.warm.load(SeqCst), warm_before + 1, "k2 ran warm");
 
     // Another replica grants: the warm state is stale.
-    balance = grant(to_b, 5 * CREDIT).await;
+    balance = grant(&to_b, "warm", 5 * CREDIT).await;
     let fallbacks = counts.warm_fallbacks.load(SeqCst);
     let third = consume("k3", 1).await.expect("k3").into_inner();
     balance -= cost;
@@ -1062,31 +993,13 @@ async fn warm_batches_race_across_replicas_without_losing_a_credit() {
     ];
     let mut channels = Vec::new();
     for s in &servers {
-        channels.push(
-            Channel::from_shared(format!("http://{}", s.grpc_addr))
-                .expect("url")
-                .connect()
-                .await
-                .expect("connect"),
-        );
+        channels.push(connect(s.grpc_addr).await);
     }
     let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
     let now = Utc::now().timestamp();
-    let admin = keys.issue("root", "ops", Role::Admin, now, 3600);
     let service = keys.issue("svc", "internal", Role::Service, now, 3600);
     for org in WARM_ORGS {
-        pb::admin_service_client::AdminServiceClient::new(channels[0].clone())
-            .manual_adjust(authed(
-                &admin,
-                pb::ManualAdjustRequest {
-                    org_id: org.into(),
-                    amount_micros: INITIAL,
-                    reason: "initial".into(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .expect("grant");
+        grant(&channels[0], org, INITIAL).await;
     }
     /// Per key: organization, transaction id, charged, answers not marked
     /// duplicate.

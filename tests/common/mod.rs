@@ -120,11 +120,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.grpc_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        connect(self.server.grpc_addr).await
     }
 
     /// A valid token for `sub` in `org` with `role`.
@@ -174,6 +170,15 @@ pub async fn try_start_on(
         http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
     };
     billing::start(config, listeners, ServerOptions { clock }).await
+}
+
+/// A gRPC channel to the server listening on `addr`.
+pub async fn connect(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// A gRPC request with `authorization: Bearer <token>`.
