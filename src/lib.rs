@@ -24,5 +24,13 @@ pub mod state;
 pub mod telemetry;
 
 pub use config::Config;
+
+/// Makes ring the process's TLS crypto provider (outbound HTTPS to Stripe
+/// and Creem; async-stripe is built on ring too). Idempotent; the server
+/// calls it on start, and any other user of an HTTPS client should too.
+pub fn install_tls_provider() {
+    // An error means a provider is installed already: nothing to do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 pub use error::{Error, Result};
 pub use server::{Listeners, RunningServer, ServerOptions, start};

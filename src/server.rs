@@ -181,6 +181,7 @@ pub async fn start(
     listeners: Listeners,
     options: ServerOptions,
 ) -> anyhow::Result<RunningServer> {
+    crate::install_tls_provider();
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
     let sqlite_lock = db::lock_sqlite_file(&config.database_url)?;

@@ -1177,3 +1177,137 @@ async fn the_sweep_goes_on_past_an_organization_that_fails() -> R {
     }
     Ok(())
 }
+
+/// The seams payments build on: a `pending` lot that settles once or is
+/// voided, credits taken back from one lot at most once per key and never
+/// below zero, repeated calls answering the first one's transaction, and
+/// side writes that commit with the credits or roll them back.
+#[tokio::test]
+async fn payment_seams_settle_void_and_take_back_exactly_once() -> R {
+    use billing::ledger::{GrantInput, LotKind, SettleInput, SideWrite, TakeBackInput, VoidInput};
+    use sea_orm::Statement;
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let ledger = &t.server.state.ledger;
+        let db = &t.server.state.db;
+        let org = "buyer";
+        let pending = |order: &str, then: Vec<SideWrite>| GrantInput {
+            org: org.into(),
+            entry_kind: "purchase",
+            lot_kind: LotKind::Pending,
+            amount: 100 * CREDIT,
+            expires_at: None,
+            source_type: "order".into(),
+            source_id: Some(order.into()),
+            description: "pack".into(),
+            then,
+        };
+        let settle = |order: &str| SettleInput {
+            org: org.into(),
+            entry_kind: "purchase",
+            lot_kind: LotKind::TopUp,
+            amount: 100 * CREDIT,
+            expires_at: Some(Utc::now() + TimeDelta::days(365)),
+            source_type: "order".into(),
+            source_id: order.into(),
+            description: "pack".into(),
+            then: Vec::new(),
+        };
+        let take = |key: &str, amount: i64| TakeBackInput {
+            org: org.into(),
+            source_type: "order".into(),
+            source_id: "o1".into(),
+            amount,
+            key: key.into(),
+            description: "refund".into(),
+            then: Vec::new(),
+        };
+
+        // A pending lot: shown, not part of the balance; granted once.
+        let g = ledger.grant(pending("o1", Vec::new())).await?;
+        assert_eq!((g.transaction_id.as_str(), g.duplicate), ("", false));
+        assert!(ledger.grant(pending("o1", Vec::new())).await?.duplicate);
+        let mut c = Clients::new(&t).await;
+        assert_eq!(c.balance(&t, org).await.stored_micros, 0);
+
+        // Settling books it once; a repeat answers the same transaction.
+        let s = ledger.settle(settle("o1")).await?;
+        assert_eq!(s.settled_micros, 100 * CREDIT);
+        assert!(!s.transaction_id.is_empty());
+        let again = ledger.settle(settle("o1")).await?;
+        assert!(again.duplicate);
+        assert_eq!(again.transaction_id, s.transaction_id);
+        assert_eq!(c.balance(&t, org).await.stored_micros, 100 * CREDIT);
+
+        // Settling a source with no lot yet grants it (payment confirmed
+        // before the checkout event arrived); the late pending grant is
+        // then a duplicate and adds nothing.
+        let fresh = ledger.settle(settle("o3")).await?;
+        assert_eq!(fresh.settled_micros, 100 * CREDIT);
+        assert!(ledger.grant(pending("o3", Vec::new())).await?.duplicate);
+        assert_eq!(c.balance(&t, org).await.stored_micros, 200 * CREDIT);
+
+        // Taking back: once per key, from that lot only, never below what
+        // it has left.
+        let r1 = ledger.take_back(take("r1", 30 * CREDIT)).await?;
+        assert_eq!(r1.taken_micros, 30 * CREDIT);
+        let r1_again = ledger.take_back(take("r1", 30 * CREDIT)).await?;
+        assert!(r1_again.duplicate);
+        assert_eq!(r1_again.transaction_id, r1.transaction_id);
+        let r2 = ledger.take_back(take("r2", 1000 * CREDIT)).await?;
+        assert_eq!(r2.taken_micros, 70 * CREDIT, "only what the lot has left");
+        let r3 = ledger.take_back(take("r3", CREDIT)).await?;
+        assert_eq!((r3.taken_micros, r3.transaction_id.as_str()), (0, ""));
+        assert_eq!(c.balance(&t, org).await.stored_micros, 100 * CREDIT);
+
+        // A failed payment: the pending lot goes, and cannot settle later.
+        ledger.grant(pending("o2", Vec::new())).await?;
+        let v = ledger
+            .void(VoidInput {
+                org: org.into(),
+                source_type: "order".into(),
+                source_id: "o2".into(),
+                then: Vec::new(),
+            })
+            .await?;
+        assert_eq!(v.voided_micros, 100 * CREDIT);
+        assert_eq!(ledger.settle(settle("o2")).await?.settled_micros, 0);
+        assert_eq!(c.balance(&t, org).await.stored_micros, 100 * CREDIT);
+
+        // A side write whose guard fails rolls the credits back with it;
+        // one that holds commits with them.
+        let backend_of = db.get_database_backend();
+        let touch = |n: i64| SideWrite {
+            statement: Statement::from_string(
+                backend_of,
+                format!("UPDATE organizations SET updated_at = updated_at WHERE id = {n}"),
+            ),
+            expect_rows: Some(1),
+        };
+        let refused = ledger.grant(pending("o4", vec![touch(-1)])).await;
+        assert!(
+            matches!(refused, Err(billing::Error::Unavailable(_))),
+            "{refused:?}"
+        );
+        let org_id = ledger.org_id(org).await?.expect("org");
+        let o4 = ledger.settle(SettleInput {
+            then: vec![touch(org_id)],
+            ..settle("o4")
+        });
+        assert_eq!(
+            o4.await?.settled_micros,
+            100 * CREDIT,
+            "o4 never granted before"
+        );
+        let rows = invariants::rows_by_org(db).await;
+        let kinds: Vec<&str> = rows[org].iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["purchase", "purchase", "refund", "refund", "purchase"],
+            "{backend:?}"
+        );
+        invariants::check(db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}

@@ -233,7 +233,14 @@ fn answer(result: Result<Outcome, Error>) -> Answer {
             shortfall: o.shortfall_micros,
         },
         Ok(Outcome::Release(o)) => Answer::Released(o.released_micros),
-        Ok(Outcome::Adjust(_) | Outcome::Grant(_) | Outcome::Swept) => Answer::Done,
+        Ok(
+            Outcome::Adjust(_)
+            | Outcome::Grant(_)
+            | Outcome::Settle(_)
+            | Outcome::Void(_)
+            | Outcome::TakeBack(_)
+            | Outcome::Swept,
+        ) => Answer::Done,
         Err(Error::InsufficientCredits { .. }) => Answer::Insufficient,
         Err(Error::IdempotencyKeyReused) => Answer::Reused,
         Err(Error::ReservationFinished { .. }) => Answer::Finished,

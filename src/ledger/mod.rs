@@ -142,9 +142,27 @@ pub struct AdjustOutcome {
     pub duplicate: bool,
 }
 
+/// A row write of another capability (an order's status, a webhook's
+/// record) made in the ledger's own transaction, after the ledger rows, so
+/// that it and the credits it goes with commit together or not at all.
+///
+/// With `expect_rows`, the statement must touch exactly that many rows or
+/// the whole transaction is rolled back and the operation answers
+/// `UNAVAILABLE` (safe to retry): a guard such as "the order is still
+/// pending" or "its refunded amount is still what I read" that a
+/// concurrent writer may have changed. A replayed operation (its
+/// idempotency record already stored) runs no side writes: they committed
+/// with the first run.
+#[derive(Debug, Clone)]
+pub struct SideWrite {
+    pub statement: sea_orm::Statement,
+    pub expect_rows: Option<u64>,
+}
+
 /// Credits granted by a capability (check-in, coupon, payment…): a lot of
 /// `lot_kind` booked as an `entry_kind` row. A `source_id` is unique per
-/// `source_type`, so a source grants at most once whatever the retries.
+/// `source_type`, so a source grants at most once whatever the retries, and
+/// a repeated grant answers the first one's transaction id.
 #[derive(Debug, Clone)]
 pub struct GrantInput {
     pub org: String,
@@ -155,13 +173,85 @@ pub struct GrantInput {
     pub source_type: String,
     pub source_id: Option<String>,
     pub description: String,
+    pub then: Vec<SideWrite>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GrantOutcome {
     /// Empty for a `pending` lot (no ledger row until it settles).
     pub transaction_id: String,
     pub balance_micros: i64,
     /// The source had already granted: nothing was written.
+    #[serde(skip)]
+    pub duplicate: bool,
+}
+
+/// Makes a source's credits spendable: its `pending` lot becomes a
+/// `lot_kind` lot booked as an `entry_kind` row; a source with no lot yet
+/// gets a new one of `amount`; a source whose credits are already
+/// spendable changes nothing. Idempotent on the source.
+#[derive(Debug, Clone)]
+pub struct SettleInput {
+    pub org: String,
+    pub entry_kind: &'static str,
+    pub lot_kind: LotKind,
+    pub amount: i64,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub source_type: String,
+    pub source_id: String,
+    pub description: String,
+    pub then: Vec<SideWrite>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SettleOutcome {
+    /// Empty when the credits were already spendable before this source
+    /// was first settled through the ledger.
+    pub transaction_id: String,
+    pub settled_micros: i64,
+    pub balance_micros: i64,
+    #[serde(skip)]
+    pub duplicate: bool,
+}
+
+/// Removes a source's `pending` lot (the payment failed). Idempotent on
+/// the source.
+#[derive(Debug, Clone)]
+pub struct VoidInput {
+    pub org: String,
+    pub source_type: String,
+    pub source_id: String,
+    pub then: Vec<SideWrite>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VoidOutcome {
+    pub voided_micros: i64,
+    #[serde(skip)]
+    pub duplicate: bool,
+}
+
+/// Takes credits back from the lot a source issued (refund, lost
+/// dispute): at most `amount`, never more than the lot has left, never
+/// below a zero balance. Idempotent on `key`, which names this take-back
+/// (e.g. the refund and the cumulative amount it brings the order to).
+#[derive(Debug, Clone)]
+pub struct TakeBackInput {
+    pub org: String,
+    pub source_type: String,
+    pub source_id: String,
+    pub amount: i64,
+    pub key: String,
+    pub description: String,
+    pub then: Vec<SideWrite>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakeBackOutcome {
+    /// Empty when nothing was left to take.
+    pub transaction_id: String,
+    pub taken_micros: i64,
+    pub balance_micros: i64,
+    #[serde(skip)]
     pub duplicate: bool,
 }

@@ -106,6 +106,9 @@ pub struct Lot {
     pub source_id: Option<String>,
     /// `remaining` changed in this transaction.
     pub dirty: bool,
+    /// A `pending` lot settled in this transaction: its kind and expiry
+    /// changed.
+    pub settled: bool,
 }
 
 impl Lot {
@@ -208,6 +211,16 @@ pub struct Entry {
     pub created_at: DateTime<Utc>,
     /// (lot, signed micros moved into it)
     pub allocations: Vec<(LotRef, i64)>,
+}
+
+/// What [`Book::settle`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Credits became spendable: `amount` booked as `transaction_id`.
+    Granted { transaction_id: String, amount: i64 },
+    /// The source's credits were already spendable (or spent): nothing
+    /// changed.
+    Already,
 }
 
 /// What [`Book::checkpoint`] saves.
@@ -505,6 +518,7 @@ impl Book {
             source_type: source.0,
             source_id: source.1,
             dirty: true,
+            settled: false,
         });
         if lot_kind == LotKind::Pending {
             return Ok(None);
@@ -517,6 +531,139 @@ impl Book {
             vec![(lot_ref, amount)],
             now,
         )))
+    }
+
+    /// The live lot that `source` issued, if this book holds it.
+    fn lot_of(&self, source: (&str, &str)) -> Option<usize> {
+        self.lots
+            .iter()
+            .position(|l| l.source_type == source.0 && l.source_id.as_deref() == Some(source.1))
+    }
+
+    /// Makes the credits of `source` spendable, whatever state they are
+    /// in: a `pending` lot of it becomes a `lot_kind` lot (expiring at
+    /// `expires_at`) booked as an `entry_kind` row of its amount; when the
+    /// source has issued no lot yet (`issued` false), a new lot of `amount`
+    /// is granted; when it already issued a spendable one, nothing changes.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a lot and its ledger row are made together"
+    )]
+    pub fn settle(
+        &mut self,
+        id: String,
+        entry_kind: &'static str,
+        lot_kind: LotKind,
+        amount: i64,
+        expires_at: Option<DateTime<Utc>>,
+        source: (&str, &str),
+        issued: bool,
+        details: EntryDetails,
+        now: DateTime<Utc>,
+    ) -> Result<Settled, Error> {
+        if lot_kind == LotKind::Pending {
+            return Err(Error::internal("a lot cannot settle into a pending lot"));
+        }
+        match self.lot_of(source) {
+            Some(i) if self.lots[i].kind == LotKind::Pending => {
+                let lot = &self.lots[i];
+                let (lot_ref, amount) = (lot.id, lot.remaining);
+                if self.balance.saturating_add(amount) > MAX_MICROS {
+                    return Err(Error::invalid(
+                        "amount",
+                        format!(
+                            "would take the balance past the limit of {} credits",
+                            MAX_MICROS / MICROS_PER_CREDIT
+                        ),
+                    ));
+                }
+                if expires_at.is_some_and(|at| at <= now) {
+                    return Err(Error::invalid("expires_at", "must be in the future"));
+                }
+                let lot = &mut self.lots[i];
+                lot.kind = lot_kind;
+                lot.expires_at = expires_at;
+                lot.settled = true;
+                let entry = self.push_entry(
+                    id,
+                    entry_kind,
+                    amount,
+                    details,
+                    vec![(lot_ref, amount)],
+                    now,
+                );
+                Ok(Settled::Granted {
+                    transaction_id: entry.id.clone(),
+                    amount,
+                })
+            }
+            Some(_) => Ok(Settled::Already),
+            None if issued => Ok(Settled::Already),
+            None => {
+                let source = (source.0.to_owned(), Some(source.1.to_owned()));
+                let entry = self.grant(
+                    id, entry_kind, lot_kind, amount, expires_at, source, details, now,
+                )?;
+                Ok(Settled::Granted {
+                    transaction_id: entry.map(|e| e.id.clone()).unwrap_or_default(),
+                    amount,
+                })
+            }
+        }
+    }
+
+    /// Removes the credits of `source`'s `pending` lot (a payment that
+    /// failed): they were never part of the balance, so no ledger row.
+    /// Returns what was removed; 0 when the source has no pending lot.
+    pub fn void(&mut self, source: (&str, &str)) -> i64 {
+        match self.lot_of(source) {
+            Some(i) if self.lots[i].kind == LotKind::Pending => {
+                let lot = &mut self.lots[i];
+                let voided = lot.remaining;
+                lot.remaining = 0;
+                lot.dirty = true;
+                self.touched = true;
+                voided
+            }
+            Some(_) | None => 0,
+        }
+    }
+
+    /// Takes up to `amount` back from the spendable lot `source` issued
+    /// (a refund, a lost dispute), never more than the lot has left and
+    /// never below a zero balance, as a `refund` row. Returns the row and
+    /// what it took; `None` when there is nothing left to take.
+    pub fn take_back(
+        &mut self,
+        id: String,
+        amount: i64,
+        source: (&str, &str),
+        details: EntryDetails,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(&Entry, i64)>, Error> {
+        if amount <= 0 || amount > MAX_MICROS {
+            return Err(Error::invalid(
+                "amount",
+                format!("must be between 1 and {} micro-credits", MAX_MICROS),
+            ));
+        }
+        let Some(i) = self.lot_of(source) else {
+            return Ok(None);
+        };
+        let lot = &self.lots[i];
+        if !lot.spendable(now) {
+            return Ok(None);
+        }
+        let take = amount.min(lot.remaining).min(self.balance.max(0));
+        if take == 0 {
+            return Ok(None);
+        }
+        let lot = &mut self.lots[i];
+        lot.remaining -= take;
+        lot.dirty = true;
+        let lot_ref = lot.id;
+        let entry = self.push_entry(id, "refund", -take, details, vec![(lot_ref, -take)], now);
+        Ok(Some((entry, take)))
     }
 
     /// Holds `amount` of the available credits.
@@ -643,6 +790,7 @@ mod tests {
             source_type: "test".into(),
             source_id: None,
             dirty: false,
+            settled: false,
         }
     }
 
@@ -857,5 +1005,118 @@ mod tests {
             grant(&mut book, 5, Some(10)),
             Err(Error::InvalidArgument { field, .. }) if field == "expires_at"
         ));
+    }
+
+    fn sourced(mut l: Lot, kind: LotKind, source: &str) -> Lot {
+        l.kind = kind;
+        l.source_type = "order".into();
+        l.source_id = Some(source.into());
+        l
+    }
+
+    #[test]
+    fn a_pending_lot_settles_once_in_place() -> Result<(), Error> {
+        let pending = sourced(lot(1, 50, None, 0), LotKind::Pending, "o1");
+        let mut book = Book::new(1, 10, 0, 1, vec![lot(2, 10, None, 0), pending], vec![]);
+        let settle = |book: &mut Book, issued: bool| {
+            book.settle(
+                "s".into(),
+                "purchase",
+                LotKind::TopUp,
+                50,
+                Some(t(100)),
+                ("order", "o1"),
+                issued,
+                EntryDetails::default(),
+                t(1),
+            )
+        };
+        assert_eq!(
+            settle(&mut book, true)?,
+            Settled::Granted {
+                transaction_id: "s".into(),
+                amount: 50
+            }
+        );
+        let lot = &book.lots[1];
+        assert_eq!(
+            (lot.kind, lot.settled, lot.expires_at),
+            (LotKind::TopUp, true, Some(t(100)))
+        );
+        assert_eq!((book.balance, book.seq), (60, 2));
+        assert_eq!(settle(&mut book, true)?, Settled::Already);
+        assert_eq!(book.balance, 60);
+        Ok(())
+    }
+
+    #[test]
+    fn a_source_without_a_lot_is_granted_and_a_voided_one_never_settles() -> Result<(), Error> {
+        let mut book = Book::new(1, 0, 0, 0, vec![], vec![]);
+        let settle = |book: &mut Book, issued: bool| {
+            book.settle(
+                "s".into(),
+                "purchase",
+                LotKind::TopUp,
+                20,
+                None,
+                ("order", "o2"),
+                issued,
+                EntryDetails::default(),
+                t(1),
+            )
+        };
+        assert!(matches!(
+            settle(&mut book, false)?,
+            Settled::Granted { amount: 20, .. }
+        ));
+        assert_eq!(book.balance, 20);
+        // A voided pending lot has nothing left; its source has issued.
+        let mut book = Book::new(
+            1,
+            0,
+            0,
+            0,
+            vec![sourced(lot(1, 30, None, 0), LotKind::Pending, "o2")],
+            vec![],
+        );
+        assert_eq!(book.void(("order", "o2")), 30);
+        assert_eq!(book.void(("order", "o2")), 0);
+        assert_eq!((book.balance, book.lots[0].remaining), (0, 0));
+        assert!(book.entries.is_empty(), "pending credits were never booked");
+        Ok(())
+    }
+
+    #[test]
+    fn taking_back_stops_at_the_lot_and_the_balance() -> Result<(), Error> {
+        let paid = sourced(lot(1, 40, None, 0), LotKind::TopUp, "o1");
+        let mut book = Book::new(1, 50, 0, 0, vec![paid, lot(2, 10, None, 0)], vec![]);
+        let take = |book: &mut Book, amount: i64| {
+            book.take_back(
+                "r".into(),
+                amount,
+                ("order", "o1"),
+                EntryDetails::default(),
+                t(1),
+            )
+            .map(|r| r.map(|(_, taken)| taken))
+        };
+        assert_eq!(take(&mut book, 15)?, Some(15));
+        assert_eq!(
+            take(&mut book, 100)?,
+            Some(25),
+            "only what the lot has left"
+        );
+        assert_eq!(take(&mut book, 1)?, None);
+        assert_eq!((book.balance, book.lots[1].remaining), (10, 10));
+        // Never below a zero balance (lots and balance disagree only if
+        // corrupted, but the bound holds regardless).
+        let paid = sourced(lot(1, 40, None, 0), LotKind::TopUp, "o1");
+        let mut book = Book::new(1, 5, 0, 0, vec![paid], vec![]);
+        assert_eq!(take(&mut book, 40)?, Some(5));
+        assert!(matches!(
+            take(&mut book, 0),
+            Err(Error::InvalidArgument { .. })
+        ));
+        Ok(())
     }
 }

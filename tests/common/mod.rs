@@ -107,7 +107,10 @@ impl TestServer {
             server,
             db,
             keys: JwtKeys::new(SecretString::from(JWT_SECRET)),
-            http: reqwest::Client::new(),
+            http: {
+                billing::install_tls_provider();
+                reqwest::Client::new()
+            },
         }
     }
 

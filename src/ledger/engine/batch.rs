@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Datelike, Utc};
-use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr};
 
 use super::{
     idempotency::{IdemKey, replay, stored_response},
@@ -19,7 +19,7 @@ use crate::{
         model::{Book, Hold, HoldStatus, Lot, LotRef},
         store::{
             self, Allocation, FinishedHold, IdemRow, KeyRef, LotUpdate, MonthlyRow, NewLot, OrgRow,
-            Rows, SourceRef, Wanted,
+            Rows, SettledLot, SourceRef, Wanted,
         },
     },
 };
@@ -61,6 +61,7 @@ fn month_key(t: DateTime<Utc>) -> String {
 pub(super) struct Extra {
     pub(super) idempotency: Vec<(IdemKey, String)>,
     pub(super) audits: Vec<admin_audit::ActiveModel>,
+    pub(super) side_writes: Vec<crate::ledger::SideWrite>,
 }
 
 /// What a batch leaves behind: each operation's answer, and for each
@@ -101,6 +102,7 @@ impl Warm {
                 .filter(|l| l.remaining > 0)
                 .map(|l| Lot {
                     dirty: false,
+                    settled: false,
                     ..l.clone()
                 })
                 .collect(),
@@ -175,9 +177,14 @@ async fn load(
             .filter_map(|p| match &p.op {
                 Op::Commit(i) => Some(i.reservation_id.clone()),
                 Op::Release(i) => Some(i.reservation_id.clone()),
-                Op::Consume(_) | Op::Reserve(_) | Op::Adjust(_) | Op::Grant(_) | Op::Sweep(_) => {
-                    None
-                }
+                Op::Consume(_)
+                | Op::Reserve(_)
+                | Op::Adjust(_)
+                | Op::Grant(_)
+                | Op::Settle(_)
+                | Op::Void(_)
+                | Op::TakeBack(_)
+                | Op::Sweep(_) => None,
             })
             .collect(),
         keys: ops
@@ -197,7 +204,13 @@ async fn load(
                     source_type: i.source_type.clone(),
                     source_id,
                 }),
+                Op::Settle(i) => Some(SourceRef {
+                    source_type: i.source_type.clone(),
+                    source_id: i.source_id.clone(),
+                }),
                 Op::Consume(_)
+                | Op::Void(_)
+                | Op::TakeBack(_)
                 | Op::Reserve(_)
                 | Op::Commit(_)
                 | Op::Release(_)
@@ -214,6 +227,10 @@ async fn load(
             "consume" => "consume",
             "reserve" => "reserve",
             "manual_adjust" => "manual_adjust",
+            "grant" => "grant",
+            "settle" => "settle",
+            "void" => "void",
+            "take_back" => "take_back",
             _ => continue,
         };
         idem_seen.insert((r.org_id, method, r.key), (r.request_hash, r.response));
@@ -327,7 +344,7 @@ fn apply_all(
 async fn write_batch(
     source: Source<'_>,
     books: &BTreeMap<i64, Book>,
-    extra: Extra,
+    mut extra: Extra,
     now: DateTime<Utc>,
 ) -> Result<(), BatchError> {
     let mut new_lots = Vec::new();
@@ -361,10 +378,26 @@ async fn write_batch(
             )));
         }
     };
+    let side_writes = std::mem::take(&mut extra.side_writes);
     let mut rows = changed_rows(books, extra, now, &new_lot_ids).map_err(BatchError::Rule)?;
     match source {
-        Source::Locked(txn) => store::write(txn, rows, now).await?,
+        Source::Locked(txn) => {
+            store::write(txn, rows, now).await?;
+            for w in side_writes {
+                let touched = txn.execute_raw(w.statement).await?.rows_affected();
+                if w.expect_rows.is_some_and(|n| n != touched) {
+                    return Err(BatchError::Rule(Error::Unavailable(
+                        "a concurrent change to the same record; retry".into(),
+                    )));
+                }
+            }
+        }
         Source::Warm(db, warm) => {
+            if !side_writes.is_empty() {
+                return Err(BatchError::Rule(Error::internal(
+                    "a warm batch carried side writes",
+                )));
+            }
             for org in &mut rows.orgs {
                 let Some(w) = warm.get(&org.id) else {
                     return Err(BatchError::Rule(Error::internal(format!(
@@ -404,13 +437,20 @@ fn changed_rows(
     let mut monthly: BTreeMap<(i64, String, &'static str), (i64, i64)> = BTreeMap::new();
     for book in books.values() {
         for lot in &book.lots {
-            if let LotRef::Stored(id) = lot.id
-                && lot.dirty
-            {
-                rows.lot_updates.push(LotUpdate {
-                    id,
-                    remaining_micros: lot.remaining,
-                });
+            if let LotRef::Stored(id) = lot.id {
+                if lot.dirty {
+                    rows.lot_updates.push(LotUpdate {
+                        id,
+                        remaining_micros: lot.remaining,
+                    });
+                }
+                if lot.settled {
+                    rows.settled_lots.push(SettledLot {
+                        id,
+                        kind: lot.kind.as_str(),
+                        expires_at: lot.expires_at,
+                    });
+                }
             }
         }
         for e in &book.entries {

@@ -6,7 +6,10 @@ use sha2::{Digest, Sha256};
 use super::ops::{Op, Outcome};
 use crate::{
     error::{Error, Result},
-    ledger::{AdjustOutcome, ConsumeOutcome, ReserveOutcome},
+    ledger::{
+        AdjustOutcome, ConsumeOutcome, GrantOutcome, ReserveOutcome, SettleOutcome,
+        TakeBackOutcome, VoidOutcome,
+    },
 };
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,7 +51,27 @@ pub(super) fn replay(op: &Op, response: &str) -> Result<Outcome> {
             o.duplicate = true;
             Outcome::Adjust(o)
         }
-        Op::Commit(_) | Op::Release(_) | Op::Grant(_) | Op::Sweep(_) => {
+        Op::Grant(_) => {
+            let mut o: GrantOutcome = serde_json::from_str(response).map_err(bad)?;
+            o.duplicate = true;
+            Outcome::Grant(o)
+        }
+        Op::Settle(_) => {
+            let mut o: SettleOutcome = serde_json::from_str(response).map_err(bad)?;
+            o.duplicate = true;
+            Outcome::Settle(o)
+        }
+        Op::Void(_) => {
+            let mut o: VoidOutcome = serde_json::from_str(response).map_err(bad)?;
+            o.duplicate = true;
+            Outcome::Void(o)
+        }
+        Op::TakeBack(_) => {
+            let mut o: TakeBackOutcome = serde_json::from_str(response).map_err(bad)?;
+            o.duplicate = true;
+            Outcome::TakeBack(o)
+        }
+        Op::Commit(_) | Op::Release(_) | Op::Sweep(_) => {
             return Err(Error::internal("operation has no idempotency key"));
         }
     })
@@ -59,7 +82,11 @@ pub(super) fn stored_response(outcome: &Outcome) -> Result<String> {
         Outcome::Consume(o) => serde_json::to_string(o),
         Outcome::Reserve(o) => serde_json::to_string(o),
         Outcome::Adjust(o) => serde_json::to_string(o),
-        Outcome::Commit(_) | Outcome::Release(_) | Outcome::Grant(_) | Outcome::Swept => {
+        Outcome::Grant(o) => serde_json::to_string(o),
+        Outcome::Settle(o) => serde_json::to_string(o),
+        Outcome::Void(o) => serde_json::to_string(o),
+        Outcome::TakeBack(o) => serde_json::to_string(o),
+        Outcome::Commit(_) | Outcome::Release(_) | Outcome::Swept => {
             return Err(Error::internal("operation has no idempotency key"));
         }
     };

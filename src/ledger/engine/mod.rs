@@ -61,6 +61,7 @@ pub use ops::{Op, Outcome};
 use super::{
     AdjustInput, AdjustOutcome, CommitInput, CommitOutcome, ConsumeInput, ConsumeOutcome,
     GrantInput, GrantOutcome, Rates, ReleaseInput, ReleaseOutcome, ReserveInput, ReserveOutcome,
+    SettleInput, SettleOutcome, TakeBackInput, TakeBackOutcome, VoidInput, VoidOutcome,
     balance::BalanceCache,
 };
 use crate::{
@@ -354,10 +355,13 @@ impl Ledger {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         match op {
-            Op::Consume(i) => i.org.hash(&mut hasher),
-            Op::Reserve(i) => i.org.hash(&mut hasher),
-            Op::Adjust(i) => i.org.hash(&mut hasher),
-            Op::Grant(i) => i.org.hash(&mut hasher),
+            Op::Consume(_)
+            | Op::Reserve(_)
+            | Op::Adjust(_)
+            | Op::Grant(_)
+            | Op::Settle(_)
+            | Op::Void(_)
+            | Op::TakeBack(_) => op.named_org().hash(&mut hasher),
             Op::Commit(i) => i.reservation_id.hash(&mut hasher),
             Op::Release(i) => i.reservation_id.hash(&mut hasher),
             Op::Sweep(org_id) => org_id.hash(&mut hasher),
@@ -393,6 +397,21 @@ impl Ledger {
     pub async fn grant(&self, input: GrantInput) -> Result<GrantOutcome> {
         let outcome = self.submit(Op::Grant(input)).await?;
         expect!(outcome, Outcome::Grant)
+    }
+
+    pub async fn settle(&self, input: SettleInput) -> Result<SettleOutcome> {
+        let outcome = self.submit(Op::Settle(input)).await?;
+        expect!(outcome, Outcome::Settle)
+    }
+
+    pub async fn void(&self, input: VoidInput) -> Result<VoidOutcome> {
+        let outcome = self.submit(Op::Void(input)).await?;
+        expect!(outcome, Outcome::Void)
+    }
+
+    pub async fn take_back(&self, input: TakeBackInput) -> Result<TakeBackOutcome> {
+        let outcome = self.submit(Op::TakeBack(input)).await?;
+        expect!(outcome, Outcome::TakeBack)
     }
 
     /// Books the expiries of organization `org_id` now.

@@ -13,8 +13,9 @@ use crate::{
     ledger::{
         AdjustInput, AdjustOutcome, CommitInput, CommitOutcome, ConsumeInput, ConsumeOutcome,
         GrantInput, GrantOutcome, HoldAmount, ReleaseInput, ReleaseOutcome, ReserveInput,
-        ReserveOutcome,
-        model::{Book, EntryDetails, LotKind},
+        ReserveOutcome, SettleInput, SettleOutcome, TakeBackInput, TakeBackOutcome, VoidInput,
+        VoidOutcome,
+        model::{Book, EntryDetails, LotKind, Settled},
     },
 };
 
@@ -27,9 +28,29 @@ pub enum Op {
     Release(ReleaseInput),
     Adjust(AdjustInput),
     Grant(GrantInput),
+    Settle(SettleInput),
+    Void(VoidInput),
+    TakeBack(TakeBackInput),
     /// Only the sweep that every transaction does on load, for one
     /// organization (by row id).
     Sweep(i64),
+}
+
+impl Op {
+    /// The organization the caller named (external id); `None` for the
+    /// operations that find theirs from a hold or carry a row id.
+    pub(super) fn named_org(&self) -> Option<&str> {
+        match self {
+            Op::Consume(i) => Some(&i.org),
+            Op::Reserve(i) => Some(&i.org),
+            Op::Adjust(i) => Some(&i.org),
+            Op::Grant(i) => Some(&i.org),
+            Op::Settle(i) => Some(&i.org),
+            Op::Void(i) => Some(&i.org),
+            Op::TakeBack(i) => Some(&i.org),
+            Op::Commit(_) | Op::Release(_) | Op::Sweep(_) => None,
+        }
+    }
 }
 
 /// The answer to an [`Op`]: always the variant of the same name.
@@ -41,6 +62,9 @@ pub enum Outcome {
     Release(ReleaseOutcome),
     Adjust(AdjustOutcome),
     Grant(GrantOutcome),
+    Settle(SettleOutcome),
+    Void(VoidOutcome),
+    TakeBack(TakeBackOutcome),
     Swept,
 }
 
@@ -213,8 +237,78 @@ pub(super) fn apply_one(
             if let Some(source) = source {
                 granted_sources.insert(source);
             }
+            extra.side_writes.extend(i.then.iter().cloned());
             Ok(Outcome::Grant(GrantOutcome {
                 transaction_id,
+                balance_micros: book.available(),
+                duplicate: false,
+            }))
+        }
+        Op::Settle(i) => {
+            let source = (i.source_type.clone(), i.source_id.clone());
+            let details = EntryDetails {
+                description: i.description.clone(),
+                reference_type: Some(i.source_type.clone()),
+                reference_id: Some(i.source_id.clone()),
+                ..EntryDetails::default()
+            };
+            let settled = book.settle(
+                new_id(),
+                i.entry_kind,
+                i.lot_kind,
+                i.amount,
+                i.expires_at,
+                (&i.source_type, &i.source_id),
+                granted_sources.contains(&source),
+                details,
+                now,
+            )?;
+            granted_sources.insert(source);
+            extra.side_writes.extend(i.then.iter().cloned());
+            let (transaction_id, settled_micros) = match settled {
+                Settled::Granted {
+                    transaction_id,
+                    amount,
+                } => (transaction_id, amount),
+                Settled::Already => (String::new(), 0),
+            };
+            Ok(Outcome::Settle(SettleOutcome {
+                transaction_id,
+                settled_micros,
+                balance_micros: book.available(),
+                duplicate: false,
+            }))
+        }
+        Op::Void(i) => {
+            let voided_micros = book.void((&i.source_type, &i.source_id));
+            extra.side_writes.extend(i.then.iter().cloned());
+            Ok(Outcome::Void(VoidOutcome {
+                voided_micros,
+                duplicate: false,
+            }))
+        }
+        Op::TakeBack(i) => {
+            let details = EntryDetails {
+                description: i.description.clone(),
+                reference_type: Some(i.source_type.clone()),
+                reference_id: Some(i.source_id.clone()),
+                ..EntryDetails::default()
+            };
+            let taken = book.take_back(
+                new_id(),
+                i.amount,
+                (&i.source_type, &i.source_id),
+                details,
+                now,
+            )?;
+            let (transaction_id, taken_micros) = match taken {
+                Some((entry, taken)) => (entry.id.clone(), taken),
+                None => (String::new(), 0),
+            };
+            extra.side_writes.extend(i.then.iter().cloned());
+            Ok(Outcome::TakeBack(TakeBackOutcome {
+                transaction_id,
+                taken_micros,
                 balance_micros: book.available(),
                 duplicate: false,
             }))

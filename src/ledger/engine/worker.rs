@@ -175,20 +175,8 @@ impl Worker {
     async fn prepare(&self, ops: Vec<Op>) -> Vec<Result<Prepared>> {
         let mut externals = BTreeSet::new();
         for op in &ops {
-            match op {
-                Op::Consume(i) => {
-                    externals.insert(i.org.clone());
-                }
-                Op::Reserve(i) => {
-                    externals.insert(i.org.clone());
-                }
-                Op::Adjust(i) => {
-                    externals.insert(i.org.clone());
-                }
-                Op::Grant(i) => {
-                    externals.insert(i.org.clone());
-                }
-                Op::Commit(_) | Op::Release(_) | Op::Sweep(_) => {}
+            if let Some(org) = op.named_org() {
+                externals.insert(org.to_owned());
             }
         }
         let orgs = match self.ensure_orgs(&externals).await {
@@ -315,12 +303,70 @@ impl Worker {
             }
             Op::Grant(ref i) => {
                 let org_id = org(&i.org)?;
+                let idem = i.source_id.as_ref().map(|source_id| IdemKey {
+                    org_id,
+                    method: "grant",
+                    key: format!("{}:{source_id}", i.source_type),
+                    hash: request_hash(&[
+                        i.entry_kind,
+                        i.lot_kind.as_str(),
+                        &i.amount.to_string(),
+                        &i.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    ]),
+                });
                 let cost = i.amount;
                 Ok(Prepared {
                     org_id,
                     op,
                     cost,
-                    idem: None,
+                    idem,
+                })
+            }
+            // Settling and voiding are idempotent on the source whatever
+            // the amount, so the fingerprint is the source alone.
+            Op::Settle(ref i) => {
+                let org_id = org(&i.org)?;
+                let idem = IdemKey {
+                    org_id,
+                    method: "settle",
+                    key: format!("{}:{}", i.source_type, i.source_id),
+                    hash: request_hash(&[i.entry_kind, i.lot_kind.as_str()]),
+                };
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost: 0,
+                    idem: Some(idem),
+                })
+            }
+            Op::Void(ref i) => {
+                let org_id = org(&i.org)?;
+                let idem = IdemKey {
+                    org_id,
+                    method: "void",
+                    key: format!("{}:{}", i.source_type, i.source_id),
+                    hash: request_hash(&[]),
+                };
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost: 0,
+                    idem: Some(idem),
+                })
+            }
+            Op::TakeBack(ref i) => {
+                let org_id = org(&i.org)?;
+                let idem = IdemKey {
+                    org_id,
+                    method: "take_back",
+                    key: i.key.clone(),
+                    hash: request_hash(&[&i.source_type, &i.source_id, &i.amount.to_string()]),
+                };
+                Ok(Prepared {
+                    org_id,
+                    op,
+                    cost: 0,
+                    idem: Some(idem),
                 })
             }
             Op::Sweep(org_id) => Ok(Prepared {
@@ -473,6 +519,9 @@ impl Worker {
             | Op::Release(_)
             | Op::Adjust(_)
             | Op::Grant(_)
+            | Op::Settle(_)
+            | Op::Void(_)
+            | Op::TakeBack(_)
             | Op::Sweep(_) => false,
         });
         if !usage_only {

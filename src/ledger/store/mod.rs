@@ -115,6 +115,13 @@ pub(super) struct LotUpdate {
     pub remaining_micros: i64,
 }
 
+/// A `pending` lot that settled in this batch.
+pub(super) struct SettledLot {
+    pub id: i64,
+    pub kind: &'static str,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
 /// Micros a ledger row moved into (+) or out of (-) a lot.
 #[derive(Serialize)]
 pub(super) struct Allocation {
@@ -148,6 +155,7 @@ pub(super) struct MonthlyRow {
 #[derive(Default)]
 pub(super) struct Rows {
     pub lot_updates: Vec<LotUpdate>,
+    pub settled_lots: Vec<SettledLot>,
     pub entries: Vec<ledger_transaction::Model>,
     pub allocations: Vec<Allocation>,
     pub monthly: Vec<MonthlyRow>,
@@ -161,6 +169,7 @@ pub(super) struct Rows {
 impl Rows {
     pub fn is_empty(&self) -> bool {
         self.lot_updates.is_empty()
+            && self.settled_lots.is_empty()
             && self.entries.is_empty()
             && self.allocations.is_empty()
             && self.monthly.is_empty()
@@ -194,6 +203,7 @@ pub(in crate::ledger) fn stored_lot(row: credit_lot::Model) -> Option<Lot> {
         source_type: row.source_type,
         source_id: row.source_id,
         dirty: false,
+        settled: false,
     })
 }
 
@@ -235,6 +245,7 @@ pub(super) async fn write(
     }
     // Admin writes only, so one portable statement on both backends.
     portable::insert_audits(txn, std::mem::take(&mut rows.audits)).await?;
+    portable::settle_lots(txn, &std::mem::take(&mut rows.settled_lots)).await?;
     if is_postgres(txn) {
         postgres::write(txn, rows, now).await
     } else {

@@ -13,13 +13,13 @@ use sea_orm::{
     sea_query::{CaseStatement, Expr, ExprTrait, IntoColumnRef, OnConflict},
 };
 
-use super::{IdemRow, Loaded, NewLot, OrgRow, Rows, SourceRef, Wanted};
+use super::{IdemRow, Loaded, NewLot, OrgRow, Rows, SettledLot, SourceRef, Wanted};
 use crate::{
     entities::{
         admin_audit, credit_lot, idempotency_record, ledger_monthly, ledger_transaction,
         lot_allocation, organization, reservation,
     },
-    ledger::model::{HoldStatus, LotKind},
+    ledger::model::HoldStatus,
 };
 
 /// `CASE WHEN id = … THEN value … ELSE column END`: a new value per row
@@ -88,7 +88,6 @@ async fn load(
     let lots = credit_lot::Entity::find()
         .filter(credit_lot::Column::OrgId.is_in(padded(wanted.org_ids.clone())))
         .filter(credit_lot::Column::RemainingMicros.gt(0))
-        .filter(credit_lot::Column::Kind.ne(LotKind::Pending.as_str()))
         .all(txn)
         .await?;
     let holds = if holding.is_empty() && wanted.named_holds.is_empty() {
@@ -191,6 +190,23 @@ pub(super) async fn insert_audits(
     if !audits.is_empty() {
         admin_audit::Entity::insert_many(audits)
             .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Pending lots that settled: their new kind and expiry (rare, so one
+/// statement per lot on both backends).
+pub(super) async fn settle_lots(
+    txn: &impl ConnectionTrait,
+    settled: &[SettledLot],
+) -> Result<(), DbErr> {
+    for lot in settled {
+        credit_lot::Entity::update_many()
+            .col_expr(credit_lot::Column::Kind, Expr::value(lot.kind))
+            .col_expr(credit_lot::Column::ExpiresAt, Expr::value(lot.expires_at))
+            .filter(credit_lot::Column::Id.eq(lot.id))
+            .exec(txn)
             .await?;
     }
     Ok(())

@@ -31,7 +31,7 @@ SELECT o.id, o.balance_micros, o.held_micros, o.ledger_seq,
   (SELECT s.xmin = o.xmin AND s.ledger_seq = o.ledger_seq
      FROM organizations s WHERE s.id = o.id) AS fresh,
   (SELECT coalesce(json_agg(l), '[]')::text FROM credit_lots l
-    WHERE l.org_id = o.id AND l.remaining_micros > 0 AND l.kind <> 'pending') AS lots,
+    WHERE l.org_id = o.id AND l.remaining_micros > 0) AS lots,
   (SELECT coalesce(json_agg(h), '[]')::text FROM (
       SELECT r.* FROM reservations r
        WHERE r.id = ANY (ARRAY(SELECT value FROM json_array_elements_text($2::json)))
