@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod ledger;
 pub mod metrics;
+pub mod payments;
 pub mod pb;
 pub mod server;
 pub mod state;

@@ -26,8 +26,10 @@ use crate::{
     grpc,
     ledger::Ledger,
     metrics::Metrics,
+    payments::stripe::Stripe,
     state::AppState,
 };
+use secrecy::ExposeSecret as _;
 
 /// The two sockets the service answers on.
 pub struct Listeners {
@@ -205,11 +207,16 @@ pub async fn start(
     )
     .await?;
     crate::ledger::sweeper::spawn(ledger.clone(), background.clone());
+    let stripe = match &config.stripe_secret_key {
+        Some(key) => Some(Stripe::new(key.expose_secret(), &config.stripe_api_base)?),
+        None => None,
+    };
     let state = AppState {
         db,
         config: config.clone(),
         clock: options.clock.clone(),
         ledger,
+        stripe,
     };
     let metrics = Arc::new(Metrics::default());
 

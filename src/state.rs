@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
 
-use crate::{clock::SharedClock, config::Config, error::Error, ledger::Ledger};
+use crate::{
+    clock::SharedClock, config::Config, error::Error, ledger::Ledger, payments::stripe::Stripe,
+};
 
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -13,6 +15,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub clock: SharedClock,
     pub ledger: Ledger,
+    /// Set when `STRIPE_SECRET_KEY` is.
+    pub stripe: Option<Stripe>,
 }
 
 impl AppState {

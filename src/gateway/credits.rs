@@ -37,20 +37,20 @@ fn text_param(params: &HashMap<String, String>, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn page(params: &HashMap<String, String>) -> Result<pb::PageRequest, ApiError> {
+pub(super) fn page(params: &HashMap<String, String>) -> Result<pb::PageRequest, ApiError> {
     Ok(pb::PageRequest {
         limit: int_param(params, "limit")?,
         offset: int_param(params, "offset")?.unwrap_or(0),
     })
 }
 
-fn rfc3339(t: Option<prost_types::Timestamp>) -> Option<String> {
+pub(super) fn rfc3339(t: Option<prost_types::Timestamp>) -> Option<String> {
     let t = t?;
     chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-fn pagination(p: Option<pb::PageInfo>) -> Pagination {
+pub(super) fn pagination(p: Option<pb::PageInfo>) -> Pagination {
     let p = p.unwrap_or_default();
     Pagination {
         limit: p.limit,

@@ -10,6 +10,7 @@
 mod credits;
 mod envelope;
 mod openapi;
+mod payments;
 
 use std::sync::Arc;
 
@@ -442,10 +443,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Credits",
             )
             .body("BuyPackBody"),
-            pending::<BuyPackRequest, BuyPackResponse>(
-                Method::POST,
-                "/billing.v1.PacksService/BuyPack",
-            ),
+            post(payments::buy_pack),
         ),
         (
             doc(
@@ -467,17 +465,11 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
             )
             .query(&["limit", "offset"])
             .list(),
-            pending::<ListOrdersRequest, ListOrdersResponse>(
-                Method::GET,
-                "/billing.v1.PaymentService/ListOrders",
-            ),
+            get(payments::list_orders),
         ),
         (
             doc("GET", "/orders/{id}", "One order", User, "Orders"),
-            pending::<GetOrderRequest, GetOrderResponse>(
-                Method::GET,
-                "/billing.v1.PaymentService/GetOrder",
-            ),
+            get(payments::get_order),
         ),
         (
             doc(
@@ -535,10 +527,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Payment",
             )
             .raw_body(),
-            pending::<WebhookRequest, WebhookResponse>(
-                Method::POST,
-                "/billing.v1.PaymentService/HandleStripeWebhook",
-            ),
+            post(payments::stripe_webhook),
         ),
         (
             doc(

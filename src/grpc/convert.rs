@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     catalog::plan_features,
-    entities::{pack, plan, rate},
+    entities::{order, pack, plan, rate},
     ledger::reads::TransactionRow,
     pb,
 };
@@ -78,5 +78,22 @@ pub fn page_info(limit: u64, offset: u64, returned: usize, total: u64) -> pb::Pa
         offset: offset as i32,
         total: total as i64,
         has_more: offset + (returned as u64) < total,
+    }
+}
+
+/// An order; `org` is the organization's external id.
+pub fn order(o: order::Model, org: &str) -> pb::Order {
+    pb::Order {
+        id: o.id,
+        kind: o.kind,
+        status: o.status,
+        pack_id: o.pack_id,
+        plan_id: o.plan_id,
+        amount_cents: o.amount_cents,
+        currency: o.currency,
+        channel: o.channel,
+        created_at: Some(timestamp(o.created_at)),
+        paid_at: o.paid_at.map(timestamp),
+        org_id: org.to_owned(),
     }
 }

@@ -89,3 +89,20 @@ pub fn timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc
         .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
         .ok_or_else(|| Error::invalid(field, "is not a valid timestamp"))
 }
+
+/// Longest accepted URL.
+pub const MAX_URL: usize = 2048;
+
+/// An optional absolute `http`/`https` URL (a checkout's return address).
+pub fn optional_url(field: &str, value: Option<&str>) -> Result<Option<String>, Error> {
+    let Some(url) = optional(field, value, MAX_URL)? else {
+        return Ok(None);
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(host) if !host.is_empty() && !url.chars().any(char::is_whitespace) => Ok(Some(url)),
+        _ => Err(Error::invalid(field, "must be an absolute http(s) URL")),
+    }
+}

@@ -2,9 +2,15 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert;
-use super::not_yet;
-use crate::{catalog, pb, state::AppState};
+use super::{convert, input};
+use crate::{
+    auth::caller,
+    catalog,
+    error::Error,
+    payments::purchase::{self, BuyPack, Channel},
+    pb,
+    state::AppState,
+};
 
 pub struct PacksApi {
     state: AppState,
@@ -30,8 +36,34 @@ impl pb::packs_service_server::PacksService for PacksApi {
 
     async fn buy_pack(
         &self,
-        _request: Request<pb::BuyPackRequest>,
+        request: Request<pb::BuyPackRequest>,
     ) -> Result<Response<pb::BuyPackResponse>, Status> {
-        not_yet!("PacksService.BuyPack")
+        let org = caller(&request)?.org_id.clone();
+        self.state.require_credits()?;
+        let r = request.into_inner();
+        let pack_id = input::required("packId", &r.pack_id, 64)?;
+        let success_url = input::optional_url("success_url", r.success_url.as_deref())?;
+        let cancel_url = input::optional_url("cancel_url", r.cancel_url.as_deref())?;
+        let channel = Channel::parse("channel", r.channel.as_deref())?;
+        if let Some(code) = input::optional("coupon_code", r.coupon_code.as_deref(), 64)? {
+            // No coupon exists until coupons are built: every code is unknown.
+            return Err(Error::InvalidCoupon(format!("unknown coupon `{code}`")).into());
+        }
+        let checkout = purchase::buy_pack(
+            &self.state,
+            BuyPack {
+                org,
+                pack_id,
+                channel,
+                success_url,
+                cancel_url,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::BuyPackResponse {
+            order_id: checkout.order_id,
+            session_id: checkout.session_id,
+            checkout_url: checkout.url,
+        }))
     }
 }

@@ -1,0 +1,153 @@
+//! REST ⇄ gRPC for orders and payments. An order's `amount` is in currency
+//! units (`19.99`), like a pack's `price`.
+
+use std::collections::HashMap;
+
+use axum::{
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::HeaderMap,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiResult, Gateway, JsonBody, Num, credits, envelope, grpc_request};
+use crate::pb;
+
+#[derive(Serialize)]
+struct OrderJson {
+    id: String,
+    kind: String,
+    status: String,
+    pack_id: Option<String>,
+    plan_id: Option<String>,
+    amount: Num,
+    currency: String,
+    channel: String,
+    created_at: Option<String>,
+    paid_at: Option<String>,
+}
+
+fn order_json(o: pb::Order) -> OrderJson {
+    OrderJson {
+        id: o.id,
+        kind: o.kind,
+        status: o.status,
+        pack_id: o.pack_id,
+        plan_id: o.plan_id,
+        amount: Num::money(o.amount_cents),
+        currency: o.currency,
+        channel: o.channel,
+        created_at: credits::rfc3339(o.created_at),
+        paid_at: credits::rfc3339(o.paid_at),
+    }
+}
+
+pub async fn list_orders(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let request = pb::ListOrdersRequest {
+        page: Some(credits::page(&params)?),
+    };
+    let mut client = pb::payment_service_client::PaymentServiceClient::new(gw.channel);
+    let r = client
+        .list_orders(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    let rows: Vec<_> = r.orders.into_iter().map(order_json).collect();
+    Ok(envelope::ok_page(rows, credits::pagination(r.page)))
+}
+
+pub async fn get_order(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let mut client = pb::payment_service_client::PaymentServiceClient::new(gw.channel);
+    let r = client
+        .get_order(grpc_request(&headers, pb::GetOrderRequest { id }))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.order.map(order_json)))
+}
+
+#[derive(Deserialize)]
+pub struct BuyPackBody {
+    #[serde(rename = "packId")]
+    pack_id: String,
+    #[serde(default)]
+    success_url: Option<String>,
+    #[serde(default)]
+    cancel_url: Option<String>,
+    #[serde(default)]
+    coupon_code: Option<String>,
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BuyPackJson {
+    order_id: String,
+    session_id: String,
+    checkout_url: String,
+}
+
+pub async fn buy_pack(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<BuyPackBody>,
+) -> ApiResult {
+    let request = pb::BuyPackRequest {
+        pack_id: body.pack_id,
+        success_url: body.success_url,
+        cancel_url: body.cancel_url,
+        coupon_code: body.coupon_code,
+        channel: body.channel,
+    };
+    let mut client = pb::packs_service_client::PacksServiceClient::new(gw.channel);
+    let r = client
+        .buy_pack(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(BuyPackJson {
+        order_id: r.order_id,
+        session_id: r.session_id,
+        checkout_url: r.checkout_url,
+    }))
+}
+
+#[derive(Serialize)]
+struct ReceivedJson {
+    received: bool,
+}
+
+/// A provider webhook: the raw body and the signature header, passed on
+/// untouched (the signature covers the exact bytes).
+async fn webhook(gw: Gateway, headers: HeaderMap, body: Bytes, header: &str) -> ApiResult {
+    let signature = headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let request = pb::WebhookRequest {
+        payload: body.to_vec(),
+        signature,
+    };
+    let mut client = pb::payment_service_client::PaymentServiceClient::new(gw.channel);
+    let r = client
+        .handle_stripe_webhook(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(ReceivedJson {
+        received: r.received,
+    }))
+}
+
+pub async fn stripe_webhook(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    webhook(gw, headers, body, "stripe-signature").await
+}

@@ -1,0 +1,450 @@
+//! Buying packs through a local fake Stripe (the real `async-stripe`
+//! client pointed at it) and paying for them with events signed exactly as
+//! Stripe signs them: the purchase rules, the order, the checkout, and
+//! webhooks that take effect once whatever the replays, the order of
+//! arrival and the concurrency.
+
+#![allow(clippy::unwrap_used, reason = "a failed step of a test should panic there")]
+
+mod common;
+
+use std::sync::Arc;
+
+use billing::{
+    auth::Role,
+    clock::{Clock, ManualClock},
+    entities::subscription,
+    payments::stripe::signature,
+};
+use chrono::{TimeDelta, Utc};
+use common::{
+    Backend, TestServer, backends,
+    fake_stripe::{FakeStripe, Mode},
+    invariants, json_of,
+};
+use sea_orm::{ActiveValue::Set, EntityTrait};
+use serde_json::{Value, json};
+
+type R = Result<(), Box<dyn std::error::Error>>;
+const CREDIT: i64 = 1_000_000;
+const WHSEC: &str = "whsec_test_secret";
+
+struct Shop {
+    t: TestServer,
+    clock: ManualClock,
+    stripe: FakeStripe,
+    events: std::sync::atomic::AtomicU64,
+}
+
+impl Shop {
+    async fn open(backend: Backend) -> Self {
+        let (stripe, base) = FakeStripe::start().await;
+        let clock = ManualClock::new(Utc::now());
+        let t = TestServer::start_with(
+            backend,
+            &[
+                ("STRIPE_SECRET_KEY", "sk_test_fake"),
+                ("STRIPE_WEBHOOK_SECRET", WHSEC),
+                ("STRIPE_API_BASE", &base),
+            ],
+            Arc::new(clock.clone()),
+        )
+        .await;
+        Self {
+            t,
+            clock,
+            stripe,
+            events: Default::default(),
+        }
+    }
+
+    /// Gives `org` an active subscription to `plan_id` for this month.
+    async fn subscribe(&self, org: &str, plan_id: &str) {
+        let org_id = self.t.server.state.ledger.ensure_org(org).await.unwrap();
+        let now = self.clock.now();
+        subscription::Entity::insert(subscription::ActiveModel {
+            id: Set(format!("sub_{org}")),
+            org_id: Set(org_id),
+            plan_id: Set(plan_id.into()),
+            status: Set("active".into()),
+            billing_period: Set("monthly".into()),
+            channel: Set("stripe".into()),
+            provider_subscription_id: Set(Some(format!("sub_stripe_{org}"))),
+            current_period_start: Set(Some(now - TimeDelta::days(1))),
+            current_period_end: Set(Some(now + TimeDelta::days(29))),
+            cancel_at_period_end: Set(false),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .exec_without_returning(&self.t.server.state.db)
+        .await
+        .unwrap();
+    }
+
+    async fn buy(&self, org: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .t
+            .http
+            .post(self.t.rest("/credits/packs/buy"))
+            .bearer_auth(self.t.token(Role::User, org))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        json_of(r).await.unwrap()
+    }
+
+    async fn get(&self, org: &str, path: &str) -> (u16, Value) {
+        let r = self
+            .t
+            .http
+            .get(self.t.rest(path))
+            .bearer_auth(self.t.token(Role::User, org))
+            .send()
+            .await
+            .unwrap();
+        json_of(r).await.unwrap()
+    }
+
+    /// A new event of `kind` about `object` (a fresh id each time).
+    fn event(&self, kind: &str, object: Value) -> Vec<u8> {
+        let n = self
+            .events
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        serde_json::to_vec(&json!({
+            "id": format!("evt_{n}"), "object": "event", "type": kind,
+            "api_version": "2025-09-30.clover", "created": self.clock.now().timestamp(),
+            "livemode": false, "pending_webhooks": 1,
+            "data": {"object": object},
+        }))
+        .unwrap()
+    }
+
+    async fn deliver_signed(&self, body: &[u8], header: &str) -> (u16, Value) {
+        let r = self
+            .t
+            .http
+            .post(self.t.rest("/payment/webhook/stripe"))
+            .header("stripe-signature", header)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        json_of(r).await.unwrap()
+    }
+
+    async fn deliver(&self, body: &[u8]) -> u16 {
+        let header = signature::sign(WHSEC, self.clock.now().timestamp(), body);
+        self.deliver_signed(body, &header).await.0
+    }
+
+    async fn stored(&self, org: &str) -> f64 {
+        let (_, b) = self.get(org, "/credits/balance").await;
+        b["data"]["stored"].as_f64().unwrap()
+    }
+}
+
+fn session(order: &str, org: &str, paid: &str, pi: &str) -> Value {
+    json!({
+        "id": format!("cs_for_{order}"), "object": "checkout.session",
+        "client_reference_id": order, "mode": "payment", "payment_status": paid,
+        "payment_intent": pi, "status": "complete",
+        "metadata": {"order_id": order, "org_id": org},
+    })
+}
+
+fn charge(pi: &str, refunded: i64) -> Value {
+    json!({"id": format!("ch_{pi}"), "object": "charge", "payment_intent": pi,
+           "amount": 1999, "amount_refunded": refunded, "refunded": refunded >= 1999})
+}
+
+#[tokio::test]
+async fn a_pack_bought_and_paid_through_stripe_grants_once_and_refunds_exactly() -> R {
+    for backend in backends() {
+        let shop = Shop::open(backend).await;
+        let org = "shopper";
+
+        // The rules, before any attempt: no subscription, unknown pack.
+        let (status, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (403, Some("SUBSCRIPTION_REQUIRED"))
+        );
+        shop.subscribe(org, "sub-starter").await;
+        let (status, body) = shop.buy(org, json!({"packId": "pack-404"})).await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (404, Some("PACK_NOT_FOUND"))
+        );
+        let (status, body) = shop
+            .buy(org, json!({"packId": "pack-1", "success_url": "not a url"}))
+            .await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (400, Some("INVALID_ARGUMENT"))
+        );
+
+        // A checkout: the order, the customer, the session as the contract says.
+        let (status, body) = shop
+            .buy(
+                org,
+                json!({"packId": "pack-1", "success_url": "https://app.test/ok",
+                       "cancel_url": "https://app.test/no"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        assert!(
+            body["data"]["checkout_url"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://")
+        );
+        let calls = shop.stripe.calls("/v1/checkout/sessions");
+        assert_eq!(calls.len(), 1);
+        let form = &calls[0].form;
+        assert_eq!(form["client_reference_id"], order);
+        assert_eq!(form["metadata[order_id]"], order);
+        assert_eq!(form["metadata[org_id]"], org);
+        assert_eq!(form["mode"], "payment");
+        assert_eq!(form["customer"], "cus_1");
+        assert_eq!(
+            calls[0].idempotency_key.as_deref(),
+            Some(format!("checkout-{order}").as_str())
+        );
+        assert_eq!(
+            shop.stripe.calls("/v1/customers")[0].form["metadata[org_id]"],
+            org
+        );
+
+        // A second attempt within the cooldown.
+        let (status, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (429, Some("PURCHASE_COOLDOWN"))
+        );
+        assert_eq!(body["cooldown_seconds"], 10);
+        assert!(
+            body["retry_after"]
+                .as_u64()
+                .is_some_and(|s| (1..=10).contains(&s))
+        );
+
+        // The order is the caller's only.
+        let (status, body) = shop.get(org, &format!("/orders/{order}")).await;
+        assert_eq!(
+            (status, body["data"]["status"].as_str()),
+            (200, Some("pending"))
+        );
+        assert_eq!(body["data"]["amount"].as_f64(), Some(19.99));
+        let (status, body) = shop.get("someone-else", &format!("/orders/{order}")).await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (404, Some("ORDER_NOT_FOUND"))
+        );
+        let (_, list) = shop.get(org, "/orders").await;
+        assert_eq!(list["pagination"]["total"], 1);
+
+        // Bad, stale and missing signatures change nothing.
+        let paid = shop.event(
+            "checkout.session.completed",
+            session(&order, org, "paid", "pi_1"),
+        );
+        let now = shop.clock.now().timestamp();
+        for header in [
+            signature::sign("whsec_wrong", now, &paid),
+            signature::sign(WHSEC, now - 301, &paid),
+            String::new(),
+        ] {
+            let (status, body) = shop.deliver_signed(&paid, &header).await;
+            assert_eq!(
+                (status, body["error_code"].as_str()),
+                (400, Some("INVALID_SIGNATURE"))
+            );
+        }
+        assert_eq!(shop.stored(org).await, 0.0);
+
+        // Paid: delivered four times at once and once more later, plus a
+        // second event for the same session: credits once.
+        let deliveries = (0..4).map(|_| shop.deliver(&paid));
+        for status in futures::future::join_all(deliveries).await {
+            assert!(status == 200 || status == 503, "{status}");
+        }
+        assert_eq!(shop.deliver(&paid).await, 200);
+        let again = shop.event(
+            "checkout.session.completed",
+            session(&order, org, "paid", "pi_1"),
+        );
+        assert_eq!(shop.deliver(&again).await, 200);
+        assert_eq!(shop.stored(org).await, 100.0);
+        let (_, body) = shop.get(org, &format!("/orders/{order}")).await;
+        assert_eq!(body["data"]["status"], "paid");
+        assert!(body["data"]["paid_at"].is_string());
+        let (_, info) = shop.get(org, "/user/credits/info").await;
+        assert_eq!(info["credits"], 100);
+
+        // Partial refunds add up (amount_refunded is cumulative), replays
+        // take nothing more.
+        for refunded in [1000, 1000, 1999, 1999] {
+            let e = shop.event("charge.refunded", charge("pi_1", refunded));
+            assert_eq!(shop.deliver(&e).await, 200);
+            // The refunded share of 100 credits, floored to the micro-credit.
+            let taken = 100 * CREDIT * refunded / 1999;
+            let expected = (100 * CREDIT - taken) as f64 / CREDIT as f64;
+            assert_eq!(shop.stored(org).await, expected, "after {refunded}");
+        }
+        let (_, body) = shop.get(org, &format!("/orders/{order}")).await;
+        assert_eq!(body["data"]["status"], "refunded");
+
+        // Unknown event types are acknowledged.
+        let other = shop.event("payout.paid", json!({"id": "po_1"}));
+        assert_eq!(shop.deliver(&other).await, 200);
+
+        let rows = invariants::rows_by_org(&shop.t.server.state.db).await;
+        let kinds: Vec<(&str, i64)> = rows[org]
+            .iter()
+            .map(|r| (r.kind.as_str(), r.amount_micros))
+            .collect();
+        let first = 100 * CREDIT * 1000 / 1999;
+        assert_eq!(
+            kinds,
+            [
+                ("purchase", 100 * CREDIT),
+                ("refund", -first),
+                ("refund", -(100 * CREDIT - first))
+            ]
+        );
+        invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+        shop.t.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn delayed_payments_limits_and_provider_outages() -> R {
+    for backend in backends() {
+        let shop = Shop::open(backend).await;
+        let org = "bank-payer";
+        shop.subscribe(org, "sub-starter").await;
+        let cooldown = || shop.clock.advance(TimeDelta::seconds(11));
+
+        // A provider outage: 503 without provider text, no attempt counted,
+        // and the retry reuses the open order (same idempotency key).
+        shop.stripe.set_mode(Mode::Failing);
+        let (status, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (503, Some("SERVICE_UNAVAILABLE"))
+        );
+        assert!(
+            !body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("fake outage")
+        );
+        shop.stripe.set_mode(Mode::Normal);
+        let (status, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        assert_eq!(status, 200, "{body}");
+        let first = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let (_, list) = shop.get(org, "/orders").await;
+        assert_eq!(
+            list["pagination"]["total"], 1,
+            "the failed attempt's order was reused"
+        );
+
+        // Completed but unpaid (a bank debit): pending, not spendable;
+        // then the payment succeeds, twice.
+        let unpaid = shop.event(
+            "checkout.session.completed",
+            session(&first, org, "unpaid", "pi_a"),
+        );
+        assert_eq!(shop.deliver(&unpaid).await, 200);
+        assert_eq!(shop.stored(org).await, 0.0);
+        let (_, info) = shop.get(org, "/user/credits/info").await;
+        assert!(
+            info["breakdown"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["purchase_kind"] == "Pending"),
+            "{info}"
+        );
+        for _ in 0..2 {
+            let ok = shop.event(
+                "checkout.session.async_payment_succeeded",
+                session(&first, org, "paid", "pi_a"),
+            );
+            assert_eq!(shop.deliver(&ok).await, 200);
+        }
+        assert_eq!(shop.stored(org).await, 100.0);
+
+        // A second delayed payment that fails: its pending credits go.
+        cooldown();
+        let (_, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        let second = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let unpaid = shop.event(
+            "checkout.session.completed",
+            session(&second, org, "unpaid", "pi_b"),
+        );
+        assert_eq!(shop.deliver(&unpaid).await, 200);
+        let failed = shop.event(
+            "checkout.session.async_payment_failed",
+            session(&second, org, "unpaid", "pi_b"),
+        );
+        assert_eq!(shop.deliver(&failed).await, 200);
+        // A success arriving after the failure cannot revive it.
+        let late = shop.event(
+            "checkout.session.async_payment_succeeded",
+            session(&second, org, "paid", "pi_b"),
+        );
+        assert_eq!(shop.deliver(&late).await, 200);
+        assert_eq!(shop.stored(org).await, 100.0);
+        let (_, body) = shop.get(org, &format!("/orders/{second}")).await;
+        assert_eq!(
+            body["data"]["status"], "paid",
+            "the money did arrive in the end"
+        );
+
+        // An expired checkout; then the per-cycle limit (3 paid or open).
+        cooldown();
+        let (_, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        let third = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let expired = shop.event(
+            "checkout.session.expired",
+            session(&third, org, "unpaid", ""),
+        );
+        assert_eq!(shop.deliver(&expired).await, 200);
+        let (_, body) = shop.get(org, &format!("/orders/{third}")).await;
+        assert_eq!(body["data"]["status"], "expired");
+        cooldown();
+        let (status, _) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        assert_eq!(status, 200, "expired orders do not count");
+        cooldown();
+        let (status, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (409, Some("PACK_LIMIT_REACHED"))
+        );
+        cooldown();
+        let (status, _) = shop.buy(org, json!({"packId": "pack-2"})).await;
+        assert_eq!(status, 200, "the limit is per pack");
+
+        // A hung provider answers 503 within the call deadline and does not
+        // block other calls meanwhile.
+        cooldown();
+        shop.stripe.set_mode(Mode::Hanging);
+        let hung = shop.buy(org, json!({"packId": "pack-3"}));
+        let other = async {
+            let (status, _) = shop.get(org, "/orders").await;
+            status
+        };
+        let (hung, other) = tokio::join!(hung, other);
+        assert_eq!(other, 200);
+        assert_eq!(hung.0, 503);
+
+        invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+        shop.t.stop().await;
+    }
+    Ok(())
+}
