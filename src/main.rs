@@ -54,6 +54,17 @@ enum Command {
     },
     /// Measure throughput and latency over real gRPC (see README).
     Bench(billing::bench::BenchArgs),
+    /// Sign a webhook body read from standard input as a provider would,
+    /// printing the signature header's value (for trying payments locally).
+    WebhookSign {
+        /// stripe (prints `t=…,v1=…`) or creem (prints the hex HMAC).
+        #[arg(long, default_value = "stripe")]
+        provider: String,
+        /// The webhook secret; defaults to STRIPE_WEBHOOK_SECRET or
+        /// CREEM_WEBHOOK_SECRET.
+        #[arg(long)]
+        secret: Option<String>,
+    },
     /// Run only the REST gateway against a remote gRPC server.
     Gateway {
         /// The gRPC server, e.g. http://billing-grpc:50051
@@ -134,6 +145,32 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 .await
                 .context("migrations failed")?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::WebhookSign { provider, secret } => {
+            use secrecy::ExposeSecret as _;
+            use std::io::Read as _;
+            let mut body = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .context("cannot read the body from standard input")?;
+            let configured = match provider.as_str() {
+                "stripe" => config.stripe_webhook_secret.as_ref(),
+                "creem" => config.creem_webhook_secret.as_ref(),
+                other => anyhow::bail!("--provider: unknown provider `{other}` (stripe, creem)"),
+            };
+            let secret = secret
+                .or_else(|| configured.map(|s| s.expose_secret().to_owned()))
+                .context("--secret: no secret given and none configured for the provider")?;
+            let header = match provider.as_str() {
+                "stripe" => billing::payments::stripe::signature::sign(
+                    &secret,
+                    chrono::Utc::now().timestamp(),
+                    &body,
+                ),
+                _ => billing::payments::creem_signature(&secret, &body),
+            };
+            println!("{header}");
             Ok(())
         }
         Command::Bench(args) => {

@@ -4,7 +4,10 @@
 //! webhooks that take effect once whatever the replays, the order of
 //! arrival and the concurrency.
 
-#![allow(clippy::unwrap_used, reason = "a failed step of a test should panic there")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a failed step of a test should panic there"
+)]
 
 mod common;
 
@@ -31,6 +34,8 @@ const WHSEC: &str = "whsec_test_secret";
 
 struct Shop {
     t: TestServer,
+    /// More replicas on the same database (PostgreSQL), same settings.
+    replicas: Vec<billing::RunningServer>,
     clock: ManualClock,
     stripe: FakeStripe,
     events: std::sync::atomic::AtomicU64,
@@ -38,24 +43,74 @@ struct Shop {
 
 impl Shop {
     async fn open(backend: Backend) -> Self {
+        Self::open_with(backend, 1, &[]).await
+    }
+
+    /// `replicas` servers on one database, with `env` beyond Stripe's.
+    async fn open_with(backend: Backend, replicas: usize, env: &[(&str, &str)]) -> Self {
         let (stripe, base) = FakeStripe::start().await;
         let clock = ManualClock::new(Utc::now());
-        let t = TestServer::start_with(
-            backend,
-            &[
-                ("STRIPE_SECRET_KEY", "sk_test_fake"),
-                ("STRIPE_WEBHOOK_SECRET", WHSEC),
-                ("STRIPE_API_BASE", &base),
-            ],
-            Arc::new(clock.clone()),
-        )
-        .await;
+        let mut vars = vec![
+            ("STRIPE_SECRET_KEY", "sk_test_fake"),
+            ("STRIPE_WEBHOOK_SECRET", WHSEC),
+            ("STRIPE_API_BASE", base.as_str()),
+        ];
+        vars.extend_from_slice(env);
+        let t = TestServer::start_with(backend, &vars, Arc::new(clock.clone())).await;
+        let mut others = Vec::new();
+        for _ in 1..replicas {
+            others.push(common::start_on(&t.db.url, &vars, Arc::new(clock.clone())).await);
+        }
         Self {
             t,
+            replicas: others,
             clock,
             stripe,
             events: Default::default(),
         }
+    }
+
+    /// The REST address of replica `i` (0 is `t`).
+    fn rest_on(&self, i: usize, path: &str) -> String {
+        match i % (self.replicas.len() + 1) {
+            0 => self.t.rest(path),
+            n => format!("http://{}{path}", self.replicas[n - 1].http_addr),
+        }
+    }
+
+    async fn buy_on(&self, i: usize, org: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .t
+            .http
+            .post(self.rest_on(i, "/credits/packs/buy"))
+            .bearer_auth(self.t.token(Role::User, org))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        json_of(r).await.unwrap()
+    }
+
+    async fn deliver_on(&self, i: usize, body: &[u8]) -> u16 {
+        let header = signature::sign(WHSEC, self.clock.now().timestamp(), body);
+        let r = self
+            .t
+            .http
+            .post(self.rest_on(i, "/payment/webhook/stripe"))
+            .header("stripe-signature", header)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    }
+
+    async fn close(self) {
+        for r in self.replicas {
+            r.shutdown().await.unwrap();
+        }
+        self.t.stop().await;
     }
 
     /// Gives `org` an active subscription to `plan_id` for this month.
@@ -82,16 +137,7 @@ impl Shop {
     }
 
     async fn buy(&self, org: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .t
-            .http
-            .post(self.t.rest("/credits/packs/buy"))
-            .bearer_auth(self.t.token(Role::User, org))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        json_of(r).await.unwrap()
+        self.buy_on(0, org, body).await
     }
 
     async fn get(&self, org: &str, path: &str) -> (u16, Value) {
@@ -135,8 +181,7 @@ impl Shop {
     }
 
     async fn deliver(&self, body: &[u8]) -> u16 {
-        let header = signature::sign(WHSEC, self.clock.now().timestamp(), body);
-        self.deliver_signed(body, &header).await.0
+        self.deliver_on(0, body).await
     }
 
     async fn stored(&self, org: &str) -> f64 {
@@ -316,7 +361,7 @@ async fn a_pack_bought_and_paid_through_stripe_grants_once_and_refunds_exactly()
             ]
         );
         invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
-        shop.t.stop().await;
+        shop.close().await;
     }
     Ok(())
 }
@@ -444,7 +489,131 @@ async fn delayed_payments_limits_and_provider_outages() -> R {
         assert_eq!(hung.0, 503);
 
         invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
-        shop.t.stop().await;
+        shop.close().await;
     }
+    Ok(())
+}
+
+/// Purchases and webhooks racing across two replicas of one PostgreSQL:
+/// the cooldown and the per-cycle limit hold, and a payment and its
+/// refunds, each delivered several times to both replicas at once and in
+/// any order, take effect once (a delivery that met a concurrent one may
+/// answer 503; the provider's retry, done here, then succeeds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purchases_and_webhooks_race_across_replicas() -> R {
+    if !backends().contains(&Backend::Postgres) {
+        return Ok(());
+    }
+    // The cooldown: of 8 simultaneous attempts, one gets through.
+    let shop = Shop::open_with(Backend::Postgres, 2, &[]).await;
+    shop.subscribe("racer", "sub-starter").await;
+    let attempts = (0..8).map(|i| shop.buy_on(i, "racer", json!({"packId": "pack-1"})));
+    let statuses: Vec<u16> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        7,
+        "{statuses:?}"
+    );
+    shop.close().await;
+
+    // The limit, with no cooldown: of 8 simultaneous purchases, 3.
+    let shop = Shop::open_with(Backend::Postgres, 2, &[("PURCHASE_COOLDOWN_SECONDS", "0")]).await;
+    let org = "collector";
+    shop.subscribe(org, "sub-starter").await;
+    let attempts = (0..8).map(|i| shop.buy_on(i, org, json!({"packId": "pack-1"})));
+    let answers = futures::future::join_all(attempts).await;
+    let orders: Vec<String> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b["data"]["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(orders.len(), 3, "{answers:?}");
+    assert!(
+        answers.iter().all(|(s, _)| *s == 200 || *s == 409),
+        "{answers:?}"
+    );
+
+    // Pay all three, refund the first in two steps: every event four
+    // times, to both replicas, shuffled, all at once.
+    let mut events = Vec::new();
+    for (n, order) in orders.iter().enumerate() {
+        let pi = format!("pi_race_{n}");
+        events.push(shop.event(
+            "checkout.session.completed",
+            session(order, org, "paid", &pi),
+        ));
+    }
+    let refunds = [
+        shop.event("charge.refunded", charge("pi_race_0", 1000)),
+        shop.event("charge.refunded", charge("pi_race_0", 1999)),
+    ];
+    let mut deliveries: Vec<(usize, &[u8])> = Vec::new();
+    for (k, e) in events.iter().enumerate() {
+        for copy in 0..4 {
+            deliveries.push((k + copy, e.as_slice()));
+        }
+    }
+    use rand::{SeedableRng, seq::SliceRandom};
+    deliveries.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+    let statuses =
+        futures::future::join_all(deliveries.iter().map(|(i, e)| shop.deliver_on(*i, e))).await;
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    // Refunds race each other (and may arrive before their payment is
+    // recorded; they are answered 503 then and come again).
+    let mut pending: Vec<&[u8]> = refunds
+        .iter()
+        .flat_map(|r| [r.as_slice(), r.as_slice()])
+        .collect();
+    pending.extend(events.iter().map(Vec::as_slice));
+    for _round in 0..10 {
+        let statuses = futures::future::join_all(
+            pending
+                .iter()
+                .enumerate()
+                .map(|(i, e)| shop.deliver_on(i, e)),
+        )
+        .await;
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 503),
+            "{statuses:?}"
+        );
+        pending = pending
+            .into_iter()
+            .zip(statuses)
+            .filter(|(_, s)| *s != 200)
+            .map(|(e, _)| e)
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+    }
+    assert!(pending.is_empty(), "every delivery succeeds once retried");
+    assert_eq!(
+        shop.stored(org).await,
+        200.0,
+        "three packs bought, one refunded in full"
+    );
+    let rows = invariants::rows_by_org(&shop.t.server.state.db).await;
+    let purchases = rows[org].iter().filter(|r| r.kind == "purchase").count();
+    let refunded: i64 = rows[org]
+        .iter()
+        .filter(|r| r.kind == "refund")
+        .map(|r| -r.amount_micros)
+        .sum();
+    assert_eq!((purchases, refunded), (3, 100 * CREDIT));
+    invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+    shop.close().await;
     Ok(())
 }

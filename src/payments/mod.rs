@@ -16,3 +16,13 @@ pub mod orders;
 pub mod purchase;
 pub mod stripe;
 pub mod webhooks;
+
+/// Creem's webhook signature of `body`: hex HMAC-SHA256 with the secret
+/// (Creem signs no timestamp).
+pub fn creem_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}

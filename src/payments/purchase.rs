@@ -17,9 +17,11 @@
 //!
 //! Then the order is created `pending` and the provider asked for a
 //! checkout. When the provider fails, the caller gets `UNAVAILABLE`, the
-//! attempt is not counted, and the order stays open without a session: the
-//! next purchase of the same pack reuses it, with the same idempotency key
-//! at the provider, so a session the provider did open is not opened twice.
+//! attempt is not counted, and the order is marked `failed` without a
+//! session: the next purchase of the same pack reopens it, with the same
+//! idempotency key at the provider, so a session the provider did open
+//! (an answer lost to a timeout) is not opened twice, and a payment made
+//! through it still fulfils the order.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
@@ -102,8 +104,8 @@ pub async fn active_subscription(
     Ok(None)
 }
 
-/// Checks the rules and records the attempt and the order (or finds the
-/// open order a failed provider call left). Returns the order and the
+/// Checks the rules and records the attempt and the order (or reopens
+/// the order a failed provider call left). Returns the order and the
 /// organization's row as it was.
 async fn open_order(
     state: &AppState,
@@ -141,7 +143,7 @@ async fn open_order(
             .filter(order::Column::PackId.eq(pack.id.clone()))
     };
     let reusable = open()
-        .filter(order::Column::Status.eq(Status::Pending.as_str()))
+        .filter(order::Column::Status.eq(Status::Failed.as_str()))
         .filter(order::Column::Channel.eq(channel.as_str()))
         .filter(order::Column::ProviderSessionId.is_null())
         .one(&txn)
@@ -151,7 +153,6 @@ async fn open_order(
         .filter(order::Column::CreatedAt.gte(cycle_start))
         .count(&txn)
         .await?;
-    let counted = counted - u64::from(reusable.is_some());
     if counted >= u64::try_from(pack.limit_per_cycle.max(0)).unwrap_or(0) {
         return Err(Error::PackLimitReached {
             limit: pack.limit_per_cycle,
@@ -177,7 +178,19 @@ async fn open_order(
         .exec(&txn)
         .await?;
     let order = match reusable {
-        Some(o) => o,
+        Some(o) => {
+            order::Entity::update_many()
+                .col_expr(order::Column::Status, Expr::value(Status::Pending.as_str()))
+                .col_expr(order::Column::UpdatedAt, Expr::value(now))
+                .filter(order::Column::Id.eq(o.id.clone()))
+                .exec(&txn)
+                .await?;
+            order::Model {
+                status: Status::Pending.as_str().into(),
+                updated_at: now,
+                ..o
+            }
+        }
         None => {
             let o = order::Model {
                 id: format!("ord_{}", uuid::Uuid::now_v7().simple()),
@@ -267,8 +280,16 @@ pub async fn buy_pack(state: &AppState, req: BuyPack) -> Result<Checkout> {
     let session = match result {
         Ok(s) => s,
         Err(e) => {
-            // Not an attempt: give the cooldown back (unless a later
-            // attempt has taken it meanwhile).
+            // Not an attempt: the order waits to be reopened, and the
+            // cooldown is given back (unless a later attempt took it).
+            order::Entity::update_many()
+                .col_expr(order::Column::Status, Expr::value(Status::Failed.as_str()))
+                .col_expr(order::Column::UpdatedAt, Expr::value(now))
+                .filter(order::Column::Id.eq(order.id.clone()))
+                .filter(order::Column::Status.eq(Status::Pending.as_str()))
+                .filter(order::Column::ProviderSessionId.is_null())
+                .exec(&state.db)
+                .await?;
             organization::Entity::update_many()
                 .col_expr(
                     organization::Column::LastPurchaseAttemptAt,
