@@ -79,10 +79,14 @@ impl Shop {
     }
 
     async fn buy_on(&self, i: usize, org: &str, body: Value) -> (u16, Value) {
+        self.post_on(i, org, "/credits/packs/buy", body).await
+    }
+
+    async fn post_on(&self, i: usize, org: &str, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .t
             .http
-            .post(self.rest_on(i, "/credits/packs/buy"))
+            .post(self.rest_on(i, path))
             .bearer_auth(self.t.token(Role::User, org))
             .json(&body)
             .send()
@@ -134,6 +138,10 @@ impl Shop {
         .exec_without_returning(&self.t.server.state.db)
         .await
         .unwrap();
+    }
+
+    async fn post(&self, org: &str, path: &str, body: Value) -> (u16, Value) {
+        self.post_on(0, org, path, body).await
     }
 
     async fn buy(&self, org: &str, body: Value) -> (u16, Value) {
@@ -210,6 +218,32 @@ async fn a_pack_bought_and_paid_through_stripe_grants_once_and_refunds_exactly()
         let shop = Shop::open(backend).await;
         let org = "shopper";
 
+        // No billing account yet; the free plan.
+        let (status, body) = shop
+            .post(
+                org,
+                "/subscription/portal",
+                json!({"return_url": "https://app.test/account"}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (400, Some("NO_BILLING_ACCOUNT"))
+        );
+        let mut subs = billing::pb::subscriptions_service_client::SubscriptionsServiceClient::new(
+            shop.t.channel().await,
+        );
+        let token = shop.t.token(Role::User, org);
+        let free = subs
+            .get_subscription(common::authed(
+                &token,
+                billing::pb::GetSubscriptionRequest {},
+            ))
+            .await?
+            .into_inner();
+        assert!(free.subscription.is_none());
+        assert_eq!(free.plan.map(|p| p.code).as_deref(), Some("SUB_BASE"));
+
         // The rules, before any attempt: no subscription, unknown pack.
         let (status, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
         assert_eq!(
@@ -262,6 +296,36 @@ async fn a_pack_bought_and_paid_through_stripe_grants_once_and_refunds_exactly()
             shop.stripe.calls("/v1/customers")[0].form["metadata[org_id]"],
             org
         );
+
+        // The subscription and the portal of the customer just created.
+        let sub = subs
+            .get_subscription(common::authed(
+                &token,
+                billing::pb::GetSubscriptionRequest {},
+            ))
+            .await?
+            .into_inner();
+        assert_eq!(
+            sub.subscription.map(|s| s.plan_code).as_deref(),
+            Some("SUB_STARTER")
+        );
+        let (status, body) = shop
+            .post(
+                org,
+                "/subscription/portal",
+                json!({"return_url": "https://app.test/account"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["data"]["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://billing.stripe.test/")
+        );
+        let call = &shop.stripe.calls("/v1/billing_portal/sessions")[0];
+        assert_eq!(call.form["customer"], "cus_1");
+        assert_eq!(call.form["return_url"], "https://app.test/account");
 
         // A second attempt within the cooldown.
         let (status, body) = shop.buy(org, json!({"packId": "pack-1"})).await;

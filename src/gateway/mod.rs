@@ -492,10 +492,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Subscriptions",
             )
             .body("PortalBody"),
-            pending::<CreatePortalSessionRequest, CreatePortalSessionResponse>(
-                Method::POST,
-                "/billing.v1.SubscriptionsService/CreatePortalSession",
-            ),
+            post(payments::portal),
         ),
         (
             doc("POST", "/checkin", "Daily check-in", User, "Check-in"),

@@ -151,3 +151,30 @@ pub async fn stripe_webhook(
 ) -> ApiResult {
     webhook(gw, headers, body, "stripe-signature").await
 }
+
+#[derive(Deserialize)]
+pub struct PortalBody {
+    #[serde(default)]
+    return_url: String,
+}
+
+#[derive(Serialize)]
+struct PortalJson {
+    url: String,
+}
+
+pub async fn portal(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<PortalBody>,
+) -> ApiResult {
+    let request = pb::CreatePortalSessionRequest {
+        return_url: body.return_url,
+    };
+    let mut client = pb::subscriptions_service_client::SubscriptionsServiceClient::new(gw.channel);
+    let r = client
+        .create_portal_session(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(PortalJson { url: r.url }))
+}

@@ -2,9 +2,12 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert;
-use super::not_yet;
-use crate::{catalog, pb, state::AppState};
+use super::{convert, input};
+use crate::{
+    auth::caller, catalog, entities::organization, error::Error,
+    payments::subscriptions::effective_plan, pb, state::AppState,
+};
+use sea_orm::EntityTrait;
 
 pub struct SubscriptionsApi {
     state: AppState,
@@ -30,15 +33,52 @@ impl pb::subscriptions_service_server::SubscriptionsService for SubscriptionsApi
 
     async fn get_subscription(
         &self,
-        _request: Request<pb::GetSubscriptionRequest>,
+        request: Request<pb::GetSubscriptionRequest>,
     ) -> Result<Response<pb::GetSubscriptionResponse>, Status> {
-        not_yet!("SubscriptionsService.GetSubscription")
+        let org = caller(&request)?.org_id.clone();
+        let org_id = self.state.ledger.org_id(&org).await?;
+        let (sub, plan) = effective_plan(&self.state.db, org_id, self.state.clock.now()).await?;
+        let plan = plan.ok_or_else(|| Error::internal("the free plan is missing"))?;
+        let subscription = sub.map(|s| pb::Subscription {
+            id: s.id,
+            plan_id: s.plan_id,
+            plan_code: plan.code.clone(),
+            status: s.status,
+            billing_period: s.billing_period,
+            channel: s.channel,
+            current_period_start: s.current_period_start.map(convert::timestamp),
+            current_period_end: s.current_period_end.map(convert::timestamp),
+            cancel_at_period_end: s.cancel_at_period_end,
+            created_at: Some(convert::timestamp(s.created_at)),
+        });
+        Ok(Response::new(pb::GetSubscriptionResponse {
+            subscription,
+            plan: Some(convert::plan(plan)),
+        }))
     }
 
     async fn create_portal_session(
         &self,
-        _request: Request<pb::CreatePortalSessionRequest>,
+        request: Request<pb::CreatePortalSessionRequest>,
     ) -> Result<Response<pb::CreatePortalSessionResponse>, Status> {
-        not_yet!("SubscriptionsService.CreatePortalSession")
+        let org = caller(&request)?.org_id.clone();
+        let return_url = input::optional_url("return_url", Some(&request.get_ref().return_url))?;
+        let customer = match self.state.ledger.org_id(&org).await? {
+            Some(id) => organization::Entity::find_by_id(id)
+                .one(&self.state.db)
+                .await
+                .map_err(Error::from)?
+                .and_then(|o| o.stripe_customer_id),
+            None => None,
+        };
+        // Creem customers get Creem's portal once Creem is built.
+        let customer = customer.ok_or(Error::NoBillingAccount)?;
+        let stripe = self
+            .state
+            .stripe
+            .as_ref()
+            .ok_or(Error::PaymentProviderNotConfigured("stripe"))?;
+        let url = stripe.portal(&customer, return_url.as_deref()).await?;
+        Ok(Response::new(pb::CreatePortalSessionResponse { url }))
     }
 }

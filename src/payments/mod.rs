@@ -15,6 +15,7 @@ pub mod fulfil;
 pub mod orders;
 pub mod purchase;
 pub mod stripe;
+pub mod subscriptions;
 pub mod webhooks;
 
 /// Creem's webhook signature of `body`: hex HMAC-SHA256 with the secret

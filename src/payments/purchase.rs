@@ -25,13 +25,13 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter,
-    QueryOrder, TransactionTrait, sea_query::Expr,
+    ColumnTrait, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, TransactionTrait,
+    sea_query::Expr,
 };
 
-use super::{orders::Status, stripe::client::PackCheckout};
+use super::{orders::Status, stripe::client::PackCheckout, subscriptions::active_subscription};
 use crate::{
-    entities::{order, organization, pack, plan, subscription},
+    entities::{order, organization, pack},
     error::{Error, Result},
     state::AppState,
 };
@@ -76,32 +76,6 @@ pub struct Checkout {
     pub order_id: String,
     pub session_id: String,
     pub url: String,
-}
-
-/// The organization's active paid subscription and its plan, if any.
-pub async fn active_subscription(
-    db: &impl ConnectionTrait,
-    org_id: i64,
-    now: DateTime<Utc>,
-) -> Result<Option<(subscription::Model, plan::Model)>> {
-    let subs = subscription::Entity::find()
-        .filter(subscription::Column::OrgId.eq(org_id))
-        .filter(subscription::Column::Status.is_in(["active", "trialing"]))
-        .order_by_desc(subscription::Column::CreatedAt)
-        .all(db)
-        .await?;
-    for sub in subs {
-        if sub.current_period_end.is_some_and(|end| end <= now) {
-            continue;
-        }
-        if let Some(plan) = plan::Entity::find_by_id(sub.plan_id.clone())
-            .one(db)
-            .await?
-        {
-            return Ok(Some((sub, plan)));
-        }
-    }
-    Ok(None)
 }
 
 /// Checks the rules and records the attempt and the order (or reopens

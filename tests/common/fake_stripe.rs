@@ -57,6 +57,7 @@ impl FakeStripe {
         let app = Router::new()
             .route("/v1/customers", post(customers))
             .route("/v1/checkout/sessions", post(sessions))
+            .route("/v1/billing_portal/sessions", post(portal))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -153,5 +154,23 @@ async fn sessions(State(fake): State<FakeStripe>, headers: HeaderMap, body: Byte
             },
         })
     })
+    .await
+}
+
+async fn portal(State(fake): State<FakeStripe>, headers: HeaderMap, body: Bytes) -> Response {
+    answer(
+        fake,
+        "/v1/billing_portal/sessions",
+        headers,
+        body,
+        |n, form| {
+            json!({
+                "id": format!("bps_{n}"), "object": "billing_portal.session",
+                "configuration": "bpc_1", "created": 1_800_000_000, "livemode": false,
+                "customer": form.get("customer"), "return_url": form.get("return_url"),
+                "url": format!("https://billing.stripe.test/p/session/{n}"),
+            })
+        },
+    )
     .await
 }

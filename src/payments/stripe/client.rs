@@ -10,6 +10,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_checkout::CheckoutSessionMode;
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionLineItemsPriceData,
@@ -136,5 +137,20 @@ impl Stripe {
             id: session.id.to_string(),
             url: session.url.unwrap_or_default(),
         })
+    }
+
+    /// A billing-portal session for `customer`; its URL.
+    pub async fn portal(&self, customer: &str, return_url: Option<&str>) -> Result<String, Error> {
+        let mut request = CreateBillingPortalSession::new().customer(customer);
+        if let Some(url) = return_url {
+            request = request.return_url(url);
+        }
+        let session = request
+            .customize()
+            .timeout(CALL_TIMEOUT)
+            .send(&self.client)
+            .await
+            .map_err(|e| unavailable("billing portal session", e))?;
+        Ok(session.url)
     }
 }
