@@ -510,10 +510,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Payment",
             )
             .body("CreateSessionBody"),
-            pending::<CreateSessionRequest, CreateSessionResponse>(
-                Method::POST,
-                "/billing.v1.PaymentService/CreateSession",
-            ),
+            post(payments::create_session),
         ),
         (
             doc(

@@ -178,3 +178,57 @@ pub async fn portal(
         .into_inner();
     Ok(envelope::ok(PortalJson { url: r.url }))
 }
+
+#[derive(Deserialize)]
+pub struct CreateSessionBody {
+    #[serde(default)]
+    channel: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    plan_id: Option<String>,
+    #[serde(default)]
+    pack_id: Option<String>,
+    #[serde(default)]
+    billing_period: Option<String>,
+    #[serde(default)]
+    success_url: String,
+    #[serde(default)]
+    cancel_url: String,
+    #[serde(default)]
+    coupon_code: Option<String>,
+}
+
+#[derive(Serialize)]
+struct SessionJson {
+    order_id: String,
+    session_id: String,
+    url: String,
+}
+
+pub async fn create_session(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateSessionBody>,
+) -> ApiResult {
+    let request = pb::CreateSessionRequest {
+        channel: body.channel,
+        r#type: body.kind,
+        plan_id: body.plan_id,
+        pack_id: body.pack_id,
+        billing_period: body.billing_period,
+        success_url: body.success_url,
+        cancel_url: body.cancel_url,
+        coupon_code: body.coupon_code,
+    };
+    let mut client = pb::payment_service_client::PaymentServiceClient::new(gw.channel);
+    let r = client
+        .create_session(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(SessionJson {
+        order_id: r.order_id,
+        session_id: r.session_id,
+        url: r.url,
+    }))
+}

@@ -6,7 +6,11 @@ use super::{convert, input, not_yet};
 use crate::{
     auth::caller,
     error::Error,
-    payments::{orders, webhooks},
+    payments::{
+        orders,
+        purchase::{self, BuyPack, Channel},
+        webhooks,
+    },
     pb,
     state::AppState,
 };
@@ -25,9 +29,63 @@ impl PaymentApi {
 impl pb::payment_service_server::PaymentService for PaymentApi {
     async fn create_session(
         &self,
-        _request: Request<pb::CreateSessionRequest>,
+        request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        not_yet!("PaymentService.CreateSession")
+        let org = caller(&request)?.org_id.clone();
+        self.state.require_credits()?;
+        let r = request.into_inner();
+        let channel = match r.channel.trim() {
+            "" => return Err(Error::invalid("channel", "is required (stripe, creem)").into()),
+            given => Channel::parse("channel", Some(given))?,
+        };
+        let success_url = input::optional_url("success_url", Some(&r.success_url))?
+            .ok_or_else(|| Error::invalid("success_url", "is required"))?;
+        let cancel_url = input::optional_url("cancel_url", Some(&r.cancel_url))?
+            .ok_or_else(|| Error::invalid("cancel_url", "is required"))?;
+        match r.billing_period.as_deref().map(str::trim) {
+            None | Some("" | "monthly" | "yearly") => {}
+            Some(other) => {
+                return Err(Error::invalid(
+                    "billing_period",
+                    format!("unknown billing period `{other}` (monthly, yearly)"),
+                )
+                .into());
+            }
+        }
+        if let Some(code) = input::optional("coupon_code", r.coupon_code.as_deref(), 64)? {
+            return Err(Error::InvalidCoupon(format!("unknown coupon `{code}`")).into());
+        }
+        match r.r#type.trim() {
+            "pack" => {
+                let pack_id = input::required("pack_id", r.pack_id.as_deref().unwrap_or(""), 64)?;
+                let checkout = purchase::buy_pack(
+                    &self.state,
+                    BuyPack {
+                        org,
+                        pack_id,
+                        channel,
+                        success_url: Some(success_url),
+                        cancel_url: Some(cancel_url),
+                    },
+                )
+                .await?;
+                Ok(Response::new(pb::CreateSessionResponse {
+                    order_id: checkout.order_id,
+                    session_id: checkout.session_id,
+                    url: checkout.url,
+                }))
+            }
+            "subscription" => {
+                input::required("plan_id", r.plan_id.as_deref().unwrap_or(""), 64)?;
+                not_yet!("subscription checkout")
+            }
+            "" => Err(Error::invalid("type", "is required (subscription, pack)").into()),
+            other => Err(Error::invalid(
+                "type",
+                format!("unknown type `{other}` (subscription, pack)"),
+            )
+            .into()),
+        }
     }
 
     async fn list_orders(
