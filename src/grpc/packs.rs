@@ -6,7 +6,6 @@ use super::{convert, input};
 use crate::{
     auth::caller,
     catalog,
-    error::Error,
     payments::purchase::{self, BuyPack, Channel},
     pb,
     state::AppState,
@@ -45,10 +44,7 @@ impl pb::packs_service_server::PacksService for PacksApi {
         let success_url = input::optional_url("success_url", r.success_url.as_deref())?;
         let cancel_url = input::optional_url("cancel_url", r.cancel_url.as_deref())?;
         let channel = Channel::parse("channel", r.channel.as_deref())?;
-        if let Some(code) = input::optional("coupon_code", r.coupon_code.as_deref(), 64)? {
-            // No coupon exists until coupons are built: every code is unknown.
-            return Err(Error::InvalidCoupon(format!("unknown coupon `{code}`")).into());
-        }
+        purchase::check_coupon(r.coupon_code.as_deref())?;
         let checkout = purchase::buy_pack(
             &self.state,
             BuyPack {

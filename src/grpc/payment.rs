@@ -52,9 +52,7 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
                 .into());
             }
         }
-        if let Some(code) = input::optional("coupon_code", r.coupon_code.as_deref(), 64)? {
-            return Err(Error::InvalidCoupon(format!("unknown coupon `{code}`")).into());
-        }
+        purchase::check_coupon(r.coupon_code.as_deref())?;
         match r.r#type.trim() {
             "pack" => {
                 let pack_id = input::required("pack_id", r.pack_id.as_deref().unwrap_or(""), 64)?;

@@ -15,6 +15,10 @@
 //! * [`sweeper`]: the background task that books expiries for organizations
 //!   nobody writes to (writers sweep their own organizations first).
 //!
+//! Capabilities that sell credits build on [`GrantInput`], [`SettleInput`],
+//! [`VoidInput`] and [`TakeBackInput`], each idempotent on its source or key,
+//! and may attach [`SideWrite`]s that commit in the same transaction.
+//!
 //! Safety across replicas rests on the database: organization rows are
 //! locked `FOR UPDATE` (PostgreSQL) or written by one writer at a time
 //! (SQLite); idempotency keys, ledger sequence numbers and lot sources are

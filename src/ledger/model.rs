@@ -213,6 +213,16 @@ pub struct Entry {
     pub allocations: Vec<(LotRef, i64)>,
 }
 
+fn past_the_limit() -> Error {
+    Error::invalid(
+        "amount",
+        format!(
+            "would take the balance past the limit of {} credits",
+            MAX_MICROS / MICROS_PER_CREDIT
+        ),
+    )
+}
+
 /// What [`Book::settle`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
@@ -493,18 +503,10 @@ impl Book {
         } else {
             amount
         };
-        if amount > MAX_MICROS || self.balance.saturating_add(counted) > MAX_MICROS {
-            return Err(Error::invalid(
-                "amount",
-                format!(
-                    "would take the balance past the limit of {} credits",
-                    MAX_MICROS / MICROS_PER_CREDIT
-                ),
-            ));
+        if amount > MAX_MICROS {
+            return Err(past_the_limit());
         }
-        if expires_at.is_some_and(|at| at <= now) {
-            return Err(Error::invalid("expires_at", "must be in the future"));
-        }
+        self.check_room(counted, expires_at, now)?;
         let lot_ref = LotRef::New(self.next_new_lot);
         self.next_new_lot += 1;
         self.touched = true;
@@ -531,6 +533,23 @@ impl Book {
             vec![(lot_ref, amount)],
             now,
         )))
+    }
+
+    /// Whether `amount` more credits, expiring at `expires_at`, may be
+    /// booked: bad input naming the field otherwise.
+    fn check_room(
+        &self,
+        amount: i64,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        if self.balance.saturating_add(amount) > MAX_MICROS {
+            return Err(past_the_limit());
+        }
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
+        Ok(())
     }
 
     /// The live lot that `source` issued, if this book holds it.
@@ -568,18 +587,7 @@ impl Book {
             Some(i) if self.lots[i].kind == LotKind::Pending => {
                 let lot = &self.lots[i];
                 let (lot_ref, amount) = (lot.id, lot.remaining);
-                if self.balance.saturating_add(amount) > MAX_MICROS {
-                    return Err(Error::invalid(
-                        "amount",
-                        format!(
-                            "would take the balance past the limit of {} credits",
-                            MAX_MICROS / MICROS_PER_CREDIT
-                        ),
-                    ));
-                }
-                if expires_at.is_some_and(|at| at <= now) {
-                    return Err(Error::invalid("expires_at", "must be in the future"));
-                }
+                self.check_room(amount, expires_at, now)?;
                 let lot = &mut self.lots[i];
                 lot.kind = lot_kind;
                 lot.expires_at = expires_at;

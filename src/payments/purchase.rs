@@ -63,6 +63,19 @@ impl Channel {
     }
 }
 
+/// A checkout's `coupon_code`. No coupon exists until coupons are built,
+/// so any code given is unknown (`INVALID_COUPON`).
+pub fn check_coupon(code: Option<&str>) -> Result<()> {
+    match code.map(str::trim).filter(|c| !c.is_empty()) {
+        None => Ok(()),
+        Some(c) if c.chars().count() > 64 => Err(Error::invalid(
+            "coupon_code",
+            "is longer than 64 characters",
+        )),
+        Some(c) => Err(Error::InvalidCoupon(format!("unknown coupon `{c}`"))),
+    }
+}
+
 /// A validated pack purchase.
 pub struct BuyPack {
     pub org: String,
