@@ -133,6 +133,8 @@ async fn open_order(
         .filter(order::Column::Status.eq(Status::Failed.as_str()))
         .filter(order::Column::Channel.eq(channel.as_str()))
         .filter(order::Column::ProviderSessionId.is_null())
+        // Only this cycle's, so that a reopened order counts in it.
+        .filter(order::Column::CreatedAt.gte(cycle_start))
         .one(&txn)
         .await?;
     let counted = open()
