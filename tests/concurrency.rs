@@ -717,6 +717,55 @@ async fn a_callers_deadline_is_honoured_while_the_writer_waits() {
     server.stop().await;
 }
 
+/// Two replicas on one fresh PostgreSQL database, a channel to each, the
+/// token keys and a `service` token.
+struct Replicas {
+    _db: TestDb,
+    servers: [billing::RunningServer; 2],
+    channels: [Channel; 2],
+    keys: JwtKeys,
+    service: String,
+}
+
+impl Replicas {
+    /// `None` when PostgreSQL is not available.
+    async fn start() -> Option<Self> {
+        if !backends().contains(&Backend::Postgres) {
+            return None;
+        }
+        let db = TestDb::new(Backend::Postgres).await;
+        let servers = [
+            start_on(&db.url, &[], Arc::new(SystemClock)).await,
+            start_on(&db.url, &[], Arc::new(SystemClock)).await,
+        ];
+        let channels = [
+            connect(servers[0].grpc_addr).await,
+            connect(servers[1].grpc_addr).await,
+        ];
+        let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
+        let service = keys.issue(
+            "svc",
+            "internal",
+            Role::Service,
+            Utc::now().timestamp(),
+            3600,
+        );
+        Some(Self {
+            _db: db,
+            servers,
+            channels,
+            keys,
+            service,
+        })
+    }
+
+    async fn stop(self) {
+        for s in self.servers {
+            s.shutdown().await.expect("shutdown");
+        }
+    }
+}
+
 /// Balances on PostgreSQL are served from each replica's cache. A read
 /// through the replica that took a write is exact at once; a read through
 /// another replica shows the write once that replica hears the writer's
@@ -727,17 +776,14 @@ async fn a_callers_deadline_is_honoured_while_the_writer_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_replicas_reads_show_a_write_within_a_bound() {
     use std::time::{Duration, Instant};
-    if !backends().contains(&Backend::Postgres) {
+    let Some(replicas) = Replicas::start().await else {
         return;
-    }
-    let db = TestDb::new(Backend::Postgres).await;
-    let a = start_on(&db.url, &[], Arc::new(SystemClock)).await;
-    let b = start_on(&db.url, &[], Arc::new(SystemClock)).await;
-    let (to_a, to_b) = (connect(a.grpc_addr).await, connect(b.grpc_addr).await);
-    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
-    let now = Utc::now().timestamp();
-    let service = keys.issue("svc", "internal", Role::Service, now, 3600);
-    let user = keys.issue("u", "stale", Role::User, now, 3600);
+    };
+    let [to_a, to_b] = replicas.channels.clone();
+    let service = replicas.service.clone();
+    let user = replicas
+        .keys
+        .issue("u", "stale", Role::User, Utc::now().timestamp(), 3600);
     grant(&to_a, "stale", 1000 * CREDIT).await;
     let mut usage_a = pb::usage_service_client::UsageServiceClient::new(to_a.clone());
     let mut credits_a = pb::credits_service_client::CreditsServiceClient::new(to_a);
@@ -803,8 +849,7 @@ async fn another_replicas_reads_show_a_write_within_a_bound() {
         delays[delays.len() - 1],
         billing::ledger::MAX_AGE_SHARED
     );
-    a.shutdown().await.expect("stop A");
-    b.shutdown().await.expect("stop B");
+    replicas.stop().await;
 }
 
 /// A writer queue that is full refuses at once with RESOURCE_EXHAUSTED
@@ -907,16 +952,11 @@ async fn a_full_writer_queue_sheds_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_batches_give_way_to_anything_written_meanwhile() {
     use std::sync::atomic::Ordering::SeqCst;
-    if !backends().contains(&Backend::Postgres) {
+    let Some(replicas) = Replicas::start().await else {
         return;
-    }
-    let db = TestDb::new(Backend::Postgres).await;
-    let a = start_on(&db.url, &[], Arc::new(SystemClock)).await;
-    let b = start_on(&db.url, &[], Arc::new(SystemClock)).await;
-    let (to_a, to_b) = (connect(a.grpc_addr).await, connect(b.grpc_addr).await);
-    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
-    let now = Utc::now().timestamp();
-    let service = keys.issue("svc", "internal", Role::Service, now, 3600);
+    };
+    let [to_a, to_b] = replicas.channels.clone();
+    let (a, service) = (&replicas.servers[0], replicas.service.clone());
     let usage = pb::usage_service_client::UsageServiceClient::new(to_a.clone());
     let consume = |key: &str, gigabytes: i64| {
         let request = authed(
@@ -969,8 +1009,7 @@ async fn warm_batches_give_way_to_anything_written_meanwhile() {
     assert_eq!(last.balance_micros, balance);
 
     invariants::check(&a.state.db, Utc::now()).await;
-    a.shutdown().await.expect("stop A");
-    b.shutdown().await.expect("stop B");
+    replicas.stop().await;
 }
 
 /// Consume-only load on two replicas of one PostgreSQL, the pattern the
@@ -982,22 +1021,12 @@ async fn warm_batches_give_way_to_anything_written_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn warm_batches_race_across_replicas_without_losing_a_credit() {
     use std::sync::atomic::Ordering::SeqCst;
-    if !backends().contains(&Backend::Postgres) {
-        return;
-    }
     const WARM_ORGS: [&str; 2] = ["hot-a", "hot-b"];
-    let db = TestDb::new(Backend::Postgres).await;
-    let servers = [
-        start_on(&db.url, &[], Arc::new(SystemClock)).await,
-        start_on(&db.url, &[], Arc::new(SystemClock)).await,
-    ];
-    let mut channels = Vec::new();
-    for s in &servers {
-        channels.push(connect(s.grpc_addr).await);
-    }
-    let keys = JwtKeys::new(JWT_SECRET.to_owned().into());
-    let now = Utc::now().timestamp();
-    let service = keys.issue("svc", "internal", Role::Service, now, 3600);
+    let Some(replicas) = Replicas::start().await else {
+        return;
+    };
+    let (servers, channels) = (&replicas.servers, &replicas.channels);
+    let service = replicas.service.clone();
     for org in WARM_ORGS {
         grant(&channels[0], org, INITIAL).await;
     }
@@ -1100,7 +1129,5 @@ async fn warm_batches_race_across_replicas_without_losing_a_credit() {
     eprintln!("warm batches {warm}, fallbacks {fallbacks}");
     assert!(warm > 0, "no batch ran warm");
     assert!(fallbacks > 0, "no warm batch met another replica's write");
-    for s in servers {
-        s.shutdown().await.expect("shutdown");
-    }
+    replicas.stop().await;
 }
