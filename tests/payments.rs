@@ -192,6 +192,11 @@ impl Shop {
         self.deliver_on(0, body).await
     }
 
+    /// A new event of `kind` about `object`, delivered once: its status.
+    async fn send(&self, kind: &str, object: Value) -> u16 {
+        self.deliver(&self.event(kind, object)).await
+    }
+
     async fn stored(&self, org: &str) -> f64 {
         let (_, b) = self.get(org, "/credits/balance").await;
         b["data"]["stored"].as_f64().unwrap()
@@ -381,11 +386,14 @@ async fn a_pack_bought_and_paid_through_stripe_grants_once_and_refunds_exactly()
             assert!(status == 200 || status == 503, "{status}");
         }
         assert_eq!(shop.deliver(&paid).await, 200);
-        let again = shop.event(
-            "checkout.session.completed",
-            session(&order, org, "paid", "pi_1"),
+        assert_eq!(
+            shop.send(
+                "checkout.session.completed",
+                session(&order, org, "paid", "pi_1")
+            )
+            .await,
+            200
         );
-        assert_eq!(shop.deliver(&again).await, 200);
         assert_eq!(shop.stored(org).await, 100.0);
         let (_, body) = shop.get(org, &format!("/orders/{order}")).await;
         assert_eq!(body["data"]["status"], "paid");
@@ -396,8 +404,10 @@ async fn a_pack_bought_and_paid_through_stripe_grants_once_and_refunds_exactly()
         // Partial refunds add up (amount_refunded is cumulative), replays
         // take nothing more.
         for refunded in [1000, 1000, 1999, 1999] {
-            let e = shop.event("charge.refunded", charge("pi_1", refunded));
-            assert_eq!(shop.deliver(&e).await, 200);
+            assert_eq!(
+                shop.send("charge.refunded", charge("pi_1", refunded)).await,
+                200
+            );
             // The refunded share of 100 credits, floored to the micro-credit.
             let taken = 100 * CREDIT * refunded / 1999;
             let expected = (100 * CREDIT - taken) as f64 / CREDIT as f64;
@@ -407,8 +417,7 @@ async fn a_pack_bought_and_paid_through_stripe_grants_once_and_refunds_exactly()
         assert_eq!(body["data"]["status"], "refunded");
 
         // Unknown event types are acknowledged.
-        let other = shop.event("payout.paid", json!({"id": "po_1"}));
-        assert_eq!(shop.deliver(&other).await, 200);
+        assert_eq!(shop.send("payout.paid", json!({"id": "po_1"})).await, 200);
 
         let rows = invariants::rows_by_org(&shop.t.server.state.db).await;
         let kinds: Vec<(&str, i64)> = rows[org]
@@ -464,11 +473,14 @@ async fn delayed_payments_limits_and_provider_outages() -> R {
 
         // Completed but unpaid (a bank debit): pending, not spendable;
         // then the payment succeeds, twice.
-        let unpaid = shop.event(
-            "checkout.session.completed",
-            session(&first, org, "unpaid", "pi_a"),
+        assert_eq!(
+            shop.send(
+                "checkout.session.completed",
+                session(&first, org, "unpaid", "pi_a")
+            )
+            .await,
+            200
         );
-        assert_eq!(shop.deliver(&unpaid).await, 200);
         assert_eq!(shop.stored(org).await, 0.0);
         let (_, info) = shop.get(org, "/user/credits/info").await;
         assert!(
@@ -480,11 +492,14 @@ async fn delayed_payments_limits_and_provider_outages() -> R {
             "{info}"
         );
         for _ in 0..2 {
-            let ok = shop.event(
-                "checkout.session.async_payment_succeeded",
-                session(&first, org, "paid", "pi_a"),
+            assert_eq!(
+                shop.send(
+                    "checkout.session.async_payment_succeeded",
+                    session(&first, org, "paid", "pi_a")
+                )
+                .await,
+                200
             );
-            assert_eq!(shop.deliver(&ok).await, 200);
         }
         assert_eq!(shop.stored(org).await, 100.0);
 
@@ -492,22 +507,31 @@ async fn delayed_payments_limits_and_provider_outages() -> R {
         cooldown();
         let (_, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
         let second = body["data"]["order_id"].as_str().unwrap().to_owned();
-        let unpaid = shop.event(
-            "checkout.session.completed",
-            session(&second, org, "unpaid", "pi_b"),
+        assert_eq!(
+            shop.send(
+                "checkout.session.completed",
+                session(&second, org, "unpaid", "pi_b")
+            )
+            .await,
+            200
         );
-        assert_eq!(shop.deliver(&unpaid).await, 200);
-        let failed = shop.event(
-            "checkout.session.async_payment_failed",
-            session(&second, org, "unpaid", "pi_b"),
+        assert_eq!(
+            shop.send(
+                "checkout.session.async_payment_failed",
+                session(&second, org, "unpaid", "pi_b")
+            )
+            .await,
+            200
         );
-        assert_eq!(shop.deliver(&failed).await, 200);
         // A success arriving after the failure cannot revive it.
-        let late = shop.event(
-            "checkout.session.async_payment_succeeded",
-            session(&second, org, "paid", "pi_b"),
+        assert_eq!(
+            shop.send(
+                "checkout.session.async_payment_succeeded",
+                session(&second, org, "paid", "pi_b")
+            )
+            .await,
+            200
         );
-        assert_eq!(shop.deliver(&late).await, 200);
         assert_eq!(shop.stored(org).await, 100.0);
         let (_, body) = shop.get(org, &format!("/orders/{second}")).await;
         assert_eq!(
@@ -519,11 +543,14 @@ async fn delayed_payments_limits_and_provider_outages() -> R {
         cooldown();
         let (_, body) = shop.buy(org, json!({"packId": "pack-1"})).await;
         let third = body["data"]["order_id"].as_str().unwrap().to_owned();
-        let expired = shop.event(
-            "checkout.session.expired",
-            session(&third, org, "unpaid", ""),
+        assert_eq!(
+            shop.send(
+                "checkout.session.expired",
+                session(&third, org, "unpaid", "")
+            )
+            .await,
+            200
         );
-        assert_eq!(shop.deliver(&expired).await, 200);
         let (_, body) = shop.get(org, &format!("/orders/{third}")).await;
         assert_eq!(body["data"]["status"], "expired");
         cooldown();
