@@ -168,7 +168,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                     chrono::Utc::now().timestamp(),
                     &body,
                 ),
-                _ => billing::payments::creem_signature(&secret, &body),
+                _ => billing::payments::creem::signature::sign(&secret, &body),
             };
             println!("{header}");
             Ok(())

@@ -26,7 +26,7 @@ use crate::{
     grpc,
     ledger::Ledger,
     metrics::Metrics,
-    payments::stripe::Stripe,
+    payments::{creem::Creem, stripe::Stripe},
     state::AppState,
 };
 use secrecy::ExposeSecret as _;
@@ -211,12 +211,17 @@ pub async fn start(
         Some(key) => Some(Stripe::new(key.expose_secret(), &config.stripe_api_base)?),
         None => None,
     };
+    let creem = match &config.creem_api_key {
+        Some(key) => Some(Creem::new(key.expose_secret(), &config.creem_api_base)?),
+        None => None,
+    };
     let state = AppState {
         db,
         config: config.clone(),
         clock: options.clock.clone(),
         ledger,
         stripe,
+        creem,
     };
     let metrics = Arc::new(Metrics::default());
 

@@ -6,7 +6,11 @@ use std::sync::Arc;
 use sea_orm::DatabaseConnection;
 
 use crate::{
-    clock::SharedClock, config::Config, error::Error, ledger::Ledger, payments::stripe::Stripe,
+    clock::SharedClock,
+    config::Config,
+    error::Error,
+    ledger::Ledger,
+    payments::{creem::Creem, stripe::Stripe},
 };
 
 #[derive(Clone, Debug)]
@@ -17,6 +21,8 @@ pub struct AppState {
     pub ledger: Ledger,
     /// Set when `STRIPE_SECRET_KEY` is.
     pub stripe: Option<Stripe>,
+    /// The Creem client, when `CREEM_API_KEY` is set.
+    pub creem: Option<Creem>,
 }
 
 impl AppState {

@@ -17,11 +17,13 @@ use billing::{
     auth::Role,
     clock::{Clock, ManualClock},
     entities::subscription,
-    payments::stripe::signature,
+    entities::{pack, plan},
+    payments::{creem::signature as creem_signature, stripe::signature},
 };
 use chrono::{TimeDelta, Utc};
 use common::{
     Backend, TestServer, backends,
+    fake_creem::{self, FakeCreem},
     fake_stripe::{FakeStripe, Mode},
     invariants, json_of,
 };
@@ -31,6 +33,7 @@ use serde_json::{Value, json};
 type R = Result<(), Box<dyn std::error::Error>>;
 const CREDIT: i64 = 1_000_000;
 const WHSEC: &str = "whsec_test_secret";
+const CREEM_WHSEC: &str = "creem_whsec_test";
 
 struct Shop {
     t: TestServer,
@@ -38,6 +41,7 @@ struct Shop {
     replicas: Vec<billing::RunningServer>,
     clock: ManualClock,
     stripe: FakeStripe,
+    creem: FakeCreem,
     events: std::sync::atomic::AtomicU64,
 }
 
@@ -49,11 +53,15 @@ impl Shop {
     /// `replicas` servers on one database, with `env` beyond Stripe's.
     async fn open_with(backend: Backend, replicas: usize, env: &[(&str, &str)]) -> Self {
         let (stripe, base) = FakeStripe::start().await;
+        let (creem, creem_base) = FakeCreem::start().await;
         let clock = ManualClock::new(Utc::now());
         let mut vars = vec![
             ("STRIPE_SECRET_KEY", "sk_test_fake"),
             ("STRIPE_WEBHOOK_SECRET", WHSEC),
             ("STRIPE_API_BASE", base.as_str()),
+            ("CREEM_API_KEY", fake_creem::API_KEY),
+            ("CREEM_WEBHOOK_SECRET", CREEM_WHSEC),
+            ("CREEM_API_BASE", creem_base.as_str()),
         ];
         vars.extend_from_slice(env);
         let t = TestServer::start_with(backend, &vars, Arc::new(clock.clone())).await;
@@ -66,8 +74,15 @@ impl Shop {
             replicas: others,
             clock,
             stripe,
+            creem,
             events: Default::default(),
         }
+    }
+
+    /// A user token for `org`, valid at the shop's clock (tests move it).
+    fn token(&self, org: &str) -> String {
+        let now = self.clock.now().timestamp();
+        self.t.keys.issue("user-1", org, Role::User, now, 3600)
     }
 
     /// The REST address of replica `i` (0 is `t`).
@@ -87,7 +102,7 @@ impl Shop {
             .t
             .http
             .post(self.rest_on(i, path))
-            .bearer_auth(self.t.token(Role::User, org))
+            .bearer_auth(self.token(org))
             .json(&body)
             .send()
             .await
@@ -132,6 +147,7 @@ impl Shop {
             current_period_start: Set(Some(now - TimeDelta::days(1))),
             current_period_end: Set(Some(now + TimeDelta::days(29))),
             cancel_at_period_end: Set(false),
+            provider_updated_at: Set(None),
             created_at: Set(now),
             updated_at: Set(now),
         })
@@ -153,7 +169,7 @@ impl Shop {
             .t
             .http
             .get(self.t.rest(path))
-            .bearer_auth(self.t.token(Role::User, org))
+            .bearer_auth(self.token(org))
             .send()
             .await
             .unwrap();
@@ -190,6 +206,77 @@ impl Shop {
 
     async fn deliver(&self, body: &[u8]) -> u16 {
         self.deliver_on(0, body).await
+    }
+
+    /// A Creem event of `kind` about `object`, signed as Creem signs, delivered once.
+    async fn send_creem(&self, kind: &str, object: Value) -> u16 {
+        let n = self
+            .events
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let body = serde_json::to_vec(&json!({
+            "id": format!("evt_creem_{n}"), "eventType": kind,
+            "created_at": self.clock.now().timestamp_millis(), "object": object,
+        }))
+        .unwrap();
+        self.deliver_creem(&body).await
+    }
+
+    async fn deliver_creem(&self, body: &[u8]) -> u16 {
+        let r = self
+            .t
+            .http
+            .post(self.t.rest("/payment/webhook/creem"))
+            .header("creem-signature", creem_signature::sign(CREEM_WHSEC, body))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    }
+
+    /// Sets the provider ids of a plan (as an operator would).
+    async fn price_plan(&self, id: &str, stripe_monthly: Option<&str>, creem: Option<&str>) {
+        plan::Entity::update(plan::ActiveModel {
+            id: Set(id.into()),
+            stripe_price_monthly: Set(stripe_monthly.map(str::to_owned)),
+            creem_product_id: Set(creem.map(str::to_owned)),
+            ..Default::default()
+        })
+        .exec(&self.t.server.state.db)
+        .await
+        .unwrap();
+    }
+
+    /// The caller's plan code as GetSubscription says, and whether a
+    /// subscription is in force.
+    async fn plan_of(&self, org: &str) -> (String, bool) {
+        let mut subs = billing::pb::subscriptions_service_client::SubscriptionsServiceClient::new(
+            self.t.channel().await,
+        );
+        let token = self.token(org);
+        let r = subs
+            .get_subscription(common::authed(
+                &token,
+                billing::pb::GetSubscriptionRequest {},
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let code = r.plan.map(|p| p.code).unwrap_or_default();
+        (code, r.subscription.is_some())
+    }
+
+    /// `/user/credits/info`'s `active_subscription.id` and `credits`.
+    async fn info(&self, org: &str) -> (String, i64) {
+        let (_, info) = self.get(org, "/user/credits/info").await;
+        (
+            info["active_subscription"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            info["credits"].as_i64().unwrap_or(-1),
+        )
     }
 
     /// A new event of `kind` about `object`, delivered once: its status.
@@ -706,5 +793,504 @@ async fn purchases_and_webhooks_race_across_replicas() -> R {
     assert_eq!((purchases, refunded), (3, 100 * CREDIT));
     invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
     shop.close().await;
+    Ok(())
+}
+
+/// A Stripe subscription object as the events and `GET /v1/subscriptions`
+/// carry it (newer API: periods on the items).
+fn stripe_sub(id: &str, org: &str, status: &str, price: &str, period: (i64, i64)) -> Value {
+    json!({
+        "id": id, "object": "subscription", "status": status, "customer": "cus_1",
+        "cancel_at_period_end": false,
+        "metadata": {"org_id": org, "plan_id": "sub-pro"},
+        "items": {"object": "list", "data": [{
+            "id": format!("si_{id}"), "object": "subscription_item",
+            "price": {"id": price, "object": "price", "recurring": {"interval": "month"}},
+            "current_period_start": period.0, "current_period_end": period.1,
+        }]},
+    })
+}
+
+fn stripe_invoice(
+    id: &str,
+    org: &str,
+    order: Option<&str>,
+    pi: &str,
+    price: &str,
+    period: Option<(i64, i64)>,
+    reason: &str,
+) -> Value {
+    let mut lines = json!([]);
+    if let Some((start, end)) = period {
+        lines = json!([{"id": format!("il_{id}"), "object": "line_item",
+            "period": {"start": start, "end": end},
+            "pricing": {"price_details": {"price": price}}}]);
+    }
+    json!({
+        "id": id, "object": "invoice", "amount_paid": 999, "currency": "usd",
+        "customer": "cus_1", "billing_reason": reason, "status": "paid",
+        "parent": {"type": "subscription_details", "subscription_details": {
+            "subscription": "sub_1", "metadata": {"org_id": org, "plan_id": "sub-pro", "order_id": order}}},
+        "payments": {"object": "list", "data": [{"payment": {"type": "payment_intent", "payment_intent": pi}}]},
+        "lines": {"object": "list", "data": lines},
+    })
+}
+
+fn ts(t: chrono::DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+/// A subscription's whole life on Stripe: checkout, first invoice (before
+/// the subscription is known: retrieved from Stripe), renewal, plan
+/// change, partial and full refund, cancellation; every event twice, and
+/// late, out-of-order subscription events changing nothing.
+#[tokio::test]
+async fn a_stripe_subscription_lives_its_whole_life() -> R {
+    for backend in backends() {
+        let shop = Shop::open(backend).await;
+        let org = "subscriber";
+        shop.price_plan("sub-starter", Some("price_starter_m"), None)
+            .await;
+
+        // Validation first, then the checkout.
+        let (status, body) = shop
+            .post(org, "/payment/create-session", json!({"channel": "stripe", "type": "subscription",
+                "plan_id": "sub-nope", "success_url": "https://app.test/ok", "cancel_url": "https://app.test/no"}))
+            .await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (404, Some("PLAN_NOT_FOUND"))
+        );
+        let (status, body) = shop
+            .post(
+                org,
+                "/payment/create-session",
+                json!({"channel": "stripe", "type": "subscription",
+                "plan_id": "sub-pro", "billing_period": "weekly",
+                "success_url": "https://app.test/ok", "cancel_url": "https://app.test/no"}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (400, Some("INVALID_ARGUMENT"))
+        );
+        let (status, body) = shop
+            .post(
+                org,
+                "/payment/create-session",
+                json!({"channel": "stripe", "type": "subscription",
+                "plan_id": "sub-pro", "billing_period": "monthly",
+                "success_url": "https://app.test/ok", "cancel_url": "https://app.test/no"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let call = shop.stripe.calls("/v1/checkout/sessions").pop().unwrap();
+        assert_eq!(call.form["mode"], "subscription");
+        assert_eq!(call.form["client_reference_id"], order);
+        assert_eq!(call.form["subscription_data[metadata][org_id]"], org);
+        assert_eq!(call.form["subscription_data[metadata][plan_id]"], "sub-pro");
+        assert_eq!(
+            call.form["line_items[0][price_data][recurring][interval]"],
+            "month"
+        );
+        assert_eq!(call.form["line_items[0][price_data][unit_amount]"], "999");
+        assert_eq!(shop.plan_of(org).await, ("SUB_BASE".into(), false));
+
+        // The first invoice arrives before anything says what sub_1 is:
+        // the subscription is retrieved from Stripe. Twice: granted once.
+        let t0 = shop.clock.now();
+        let p1 = (ts(t0), ts(t0 + TimeDelta::days(30)));
+        shop.stripe
+            .put_subscription(stripe_sub("sub_1", org, "active", "price_pro_m", p1));
+        let first = shop.event(
+            "invoice.paid",
+            stripe_invoice(
+                "in_1",
+                org,
+                Some(&order),
+                "pi_sub_1",
+                "price_pro_m",
+                None,
+                "subscription_create",
+            ),
+        );
+        assert_eq!(shop.deliver(&first).await, 200);
+        assert_eq!(shop.deliver(&first).await, 200);
+        assert_eq!(shop.stripe.calls("/v1/subscriptions/sub_1").len(), 1);
+        assert_eq!(shop.stored(org).await, 10_000.0);
+        assert_eq!(shop.plan_of(org).await, ("SUB_PRO".into(), true));
+        assert_eq!(shop.info(org).await, ("SUB_PRO".into(), 10_000));
+        let (_, info) = shop.get(org, "/user/credits/info").await;
+        let lot = &info["breakdown"][0];
+        assert_eq!(lot["purchase_kind"], "Subscription");
+        assert_eq!(lot["expiry_date"], p1.1, "the lot ends with the period");
+
+        // The checkout's own events, and the subscription's creation
+        // (older than what was retrieved): nothing more.
+        let mut completed = session(&order, org, "paid", "");
+        completed["mode"] = json!("subscription");
+        completed["payment_intent"] = Value::Null;
+        completed["subscription"] = json!("sub_1");
+        assert_eq!(
+            shop.send("checkout.session.completed", completed.clone())
+                .await,
+            200
+        );
+        assert_eq!(
+            shop.send("checkout.session.completed", completed).await,
+            200
+        );
+        let mut older = shop.event(
+            "customer.subscription.created",
+            stripe_sub("sub_1", org, "incomplete", "price_pro_m", p1),
+        );
+        let mut v: Value = serde_json::from_slice(&older)?;
+        v["created"] = json!(ts(t0) - 60);
+        older = serde_json::to_vec(&v)?;
+        assert_eq!(shop.deliver(&older).await, 200);
+        assert_eq!(
+            shop.plan_of(org).await,
+            ("SUB_PRO".into(), true),
+            "an older state is ignored"
+        );
+        assert_eq!(shop.stored(org).await, 10_000.0);
+        let (_, body) = shop.get(org, &format!("/orders/{order}")).await;
+        assert_eq!(body["data"]["status"], "paid");
+        let (_, list) = shop.get(org, "/orders").await;
+        assert_eq!(
+            list["pagination"]["total"], 1,
+            "the first invoice is the checkout's order"
+        );
+
+        // Renewal: the invoice first (its line names the period), then the
+        // subscription's update. The first period's credits expire.
+        shop.clock.advance(TimeDelta::days(30));
+        let t1 = shop.clock.now();
+        let p2 = (ts(t1), ts(t1 + TimeDelta::days(30)));
+        let renewal = shop.event(
+            "invoice.paid",
+            stripe_invoice(
+                "in_2",
+                org,
+                Some(&order),
+                "pi_sub_2",
+                "price_pro_m",
+                Some(p2),
+                "subscription_cycle",
+            ),
+        );
+        assert_eq!(shop.deliver(&renewal).await, 200);
+        assert_eq!(shop.deliver(&renewal).await, 200);
+        assert_eq!(
+            shop.send(
+                "customer.subscription.updated",
+                stripe_sub("sub_1", org, "active", "price_pro_m", p2)
+            )
+            .await,
+            200
+        );
+        assert_eq!(shop.info(org).await, ("SUB_PRO".into(), 10_000));
+        let (_, list) = shop.get(org, "/orders").await;
+        assert_eq!(list["pagination"]["total"], 2, "a renewal is an order");
+
+        // Plan change (through the portal: the price changes): the plan
+        // is Starter from now, and the next invoice grants Starter's.
+        shop.clock.advance(TimeDelta::days(1));
+        assert_eq!(
+            shop.send(
+                "customer.subscription.updated",
+                stripe_sub("sub_1", org, "active", "price_starter_m", p2)
+            )
+            .await,
+            200
+        );
+        assert_eq!(shop.plan_of(org).await, ("SUB_STARTER".into(), true));
+        assert_eq!(
+            shop.stored(org).await,
+            10_000.0,
+            "the change grants nothing by itself"
+        );
+        shop.clock.advance(TimeDelta::days(29));
+        let t2 = shop.clock.now();
+        let p3 = (ts(t2), ts(t2 + TimeDelta::days(30)));
+        let mut third = stripe_invoice(
+            "in_3",
+            org,
+            Some(&order),
+            "pi_sub_3",
+            "price_starter_m",
+            Some(p3),
+            "subscription_cycle",
+        );
+        third["amount_paid"] = json!(499);
+        assert_eq!(shop.send("invoice.paid", third).await, 200);
+        assert_eq!(shop.stored(org).await, 3_000.0);
+
+        // Partial, then full refund of that invoice (cumulative amounts).
+        let refund = |refunded: i64| {
+            json!({"id": "ch_sub_3", "object": "charge",
+            "payment_intent": "pi_sub_3", "amount": 499, "amount_refunded": refunded})
+        };
+        for refunded in [200, 200, 499] {
+            assert_eq!(shop.send("charge.refunded", refund(refunded)).await, 200);
+            let left = 3_000 * CREDIT - 3_000 * CREDIT * refunded / 499;
+            assert_eq!(
+                shop.stored(org).await,
+                left as f64 / CREDIT as f64,
+                "after {refunded}"
+            );
+        }
+
+        // Cancellation: back to the free plan; a late update cannot revive it.
+        let deleted = stripe_sub("sub_1", org, "canceled", "price_starter_m", p3);
+        assert_eq!(
+            shop.send("customer.subscription.deleted", deleted).await,
+            200
+        );
+        assert_eq!(shop.plan_of(org).await, ("SUB_BASE".into(), false));
+        assert_eq!(shop.info(org).await.0, "SUB_BASE");
+        assert_eq!(
+            shop.send(
+                "customer.subscription.updated",
+                stripe_sub("sub_1", org, "active", "price_starter_m", p3)
+            )
+            .await,
+            200
+        );
+        assert_eq!(shop.plan_of(org).await, ("SUB_BASE".into(), false));
+
+        let rows = invariants::rows_by_org(&shop.t.server.state.db).await;
+        let grants = rows[org].iter().filter(|r| r.kind == "grant").count();
+        assert_eq!(grants, 3, "one grant per paid invoice");
+        invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+        shop.close().await;
+    }
+    Ok(())
+}
+
+fn iso(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn creem_sub(
+    org: &str,
+    order: &str,
+    status: &str,
+    period: (chrono::DateTime<Utc>, chrono::DateTime<Utc>),
+    transaction: &str,
+) -> Value {
+    json!({
+        "id": "sub_creem_1", "object": "subscription", "status": status,
+        "product": {"id": "prod_pro", "object": "product"},
+        "customer": {"id": "cust_creem_1", "object": "customer"},
+        "current_period_start_date": iso(period.0), "current_period_end_date": iso(period.1),
+        "last_transaction_id": transaction,
+        "last_transaction": {"id": transaction, "amount": 999, "currency": "USD"},
+        "metadata": {"order_id": order, "org_id": org, "plan_id": "sub-pro"},
+    })
+}
+
+/// The same life on Creem: checkout (Creem's own product needed), the
+/// first payment as its two events in either order and twice, renewal,
+/// refunds by their own amounts (each refund once), cancellation, the
+/// portal, and a pack paid through Creem.
+#[tokio::test]
+async fn a_creem_subscription_lives_its_whole_life() -> R {
+    for backend in backends() {
+        let shop = Shop::open(backend).await;
+        let org = "creem-subscriber";
+        let checkout = |plan: &str| {
+            json!({"channel": "creem", "type": "subscription", "plan_id": plan,
+            "success_url": "https://app.test/ok", "cancel_url": "https://app.test/no"})
+        };
+
+        let (status, body) = shop
+            .post(org, "/payment/create-session", checkout("sub-pro"))
+            .await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (400, Some("CREEM_PRODUCT_NOT_CONFIGURED"))
+        );
+        shop.price_plan("sub-pro", None, Some("prod_pro")).await;
+        shop.creem.set_failing(true);
+        let (status, _) = shop
+            .post(org, "/payment/create-session", checkout("sub-pro"))
+            .await;
+        assert_eq!(status, 503);
+        shop.creem.set_failing(false);
+        let (status, body) = shop
+            .post(org, "/payment/create-session", checkout("sub-pro"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        assert!(
+            body["data"]["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://checkout.creem.test/")
+        );
+        let call = shop.creem.calls("/v1/checkouts").pop().unwrap();
+        assert_eq!(call["request_id"], order.as_str());
+        assert_eq!(call["product_id"], "prod_pro");
+        assert_eq!(call["metadata"]["org_id"], org);
+        assert_eq!(call["metadata"]["order_id"], order.as_str());
+        let (_, list) = shop.get(org, "/orders").await;
+        assert_eq!(
+            list["pagination"]["total"], 1,
+            "the failed attempt's order was reopened"
+        );
+
+        // A bad signature changes nothing.
+        let r = shop
+            .t
+            .http
+            .post(shop.t.rest("/payment/webhook/creem"))
+            .header("creem-signature", "00ff")
+            .body("{}")
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), 400);
+
+        // The first payment: subscription.paid and checkout.completed,
+        // each twice, grant one period.
+        let t0 = shop.clock.now();
+        let p1 = (t0, t0 + TimeDelta::days(30));
+        let completed = json!({
+            "id": "ch_creem_1", "object": "checkout", "status": "completed", "request_id": order,
+            "order": {"id": "o_creem_1", "amount": 999, "currency": "USD", "transaction": "tran_1"},
+            "product": {"id": "prod_pro"}, "customer": {"id": "cust_creem_1"},
+            "subscription": creem_sub(org, &order, "active", p1, "tran_1"),
+            "metadata": {"order_id": order, "org_id": org},
+        });
+        for _ in 0..2 {
+            assert_eq!(
+                shop.send_creem(
+                    "subscription.paid",
+                    creem_sub(org, &order, "active", p1, "tran_1")
+                )
+                .await,
+                200
+            );
+            assert_eq!(
+                shop.send_creem("checkout.completed", completed.clone())
+                    .await,
+                200
+            );
+        }
+        assert_eq!(shop.stored(org).await, 10_000.0);
+        assert_eq!(shop.plan_of(org).await, ("SUB_PRO".into(), true));
+        assert_eq!(shop.info(org).await, ("SUB_PRO".into(), 10_000));
+        let (_, body) = shop.get(org, &format!("/orders/{order}")).await;
+        assert_eq!(body["data"]["status"], "paid");
+
+        // Creem's portal for a Creem customer.
+        let (status, body) = shop
+            .post(
+                org,
+                "/subscription/portal",
+                json!({"return_url": "https://app.test/a"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["data"]["url"],
+            "https://creem.test/portal/cust_creem_1"
+        );
+
+        // Renewal.
+        shop.clock.advance(TimeDelta::days(30));
+        let t1 = shop.clock.now();
+        let p2 = (t1, t1 + TimeDelta::days(30));
+        assert_eq!(
+            shop.send_creem(
+                "subscription.paid",
+                creem_sub(org, &order, "active", p2, "tran_2")
+            )
+            .await,
+            200
+        );
+        assert_eq!(shop.info(org).await, ("SUB_PRO".into(), 10_000));
+        let (_, list) = shop.get(org, "/orders").await;
+        assert_eq!(list["pagination"]["total"], 2);
+
+        // Refunds carry their own amounts: each refund id counts once.
+        let refund = |id: &str, cents: i64| {
+            json!({"id": id, "object": "refund", "status": "succeeded",
+            "refund_amount": cents, "refund_currency": "USD",
+            "transaction": {"id": "tran_2", "amount": 999}, "subscription": {"id": "sub_creem_1"}})
+        };
+        let first = 10_000 * CREDIT * 400 / 999;
+        for _ in 0..2 {
+            assert_eq!(
+                shop.send_creem("refund.created", refund("ref_1", 400))
+                    .await,
+                200
+            );
+            assert_eq!(
+                shop.stored(org).await,
+                (10_000 * CREDIT - first) as f64 / CREDIT as f64
+            );
+        }
+        assert_eq!(
+            shop.send_creem("refund.created", refund("ref_2", 599))
+                .await,
+            200
+        );
+        assert_eq!(shop.stored(org).await, 0.0);
+
+        // Cancellation.
+        assert_eq!(
+            shop.send_creem(
+                "subscription.canceled",
+                creem_sub(org, &order, "canceled", p2, "tran_2")
+            )
+            .await,
+            200
+        );
+        assert_eq!(shop.plan_of(org).await, ("SUB_BASE".into(), false));
+
+        // A pack through Creem, paid by checkout.completed, refunded in full.
+        let buyer = "creem-pack-buyer";
+        shop.subscribe(buyer, "sub-starter").await;
+        let (status, body) = shop
+            .buy(buyer, json!({"packId": "pack-1", "channel": "creem"}))
+            .await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (400, Some("CREEM_PRODUCT_NOT_CONFIGURED"))
+        );
+        pack::Entity::update(pack::ActiveModel {
+            id: Set("pack-1".into()),
+            creem_product_id: Set(Some("prod_pack_1".into())),
+            ..Default::default()
+        })
+        .exec(&shop.t.server.state.db)
+        .await?;
+        let (status, body) = shop
+            .buy(buyer, json!({"packId": "pack-1", "channel": "creem"}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let pack_order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let paid = json!({"id": "ch_creem_pack", "object": "checkout", "status": "completed",
+            "request_id": pack_order, "product": {"id": "prod_pack_1"},
+            "order": {"id": "o_creem_pack", "amount": 1999, "currency": "USD", "transaction": "tran_pack"},
+            "customer": {"id": "cust_creem_2"}, "metadata": {"order_id": pack_order, "org_id": buyer}});
+        assert_eq!(
+            shop.send_creem("checkout.completed", paid.clone()).await,
+            200
+        );
+        assert_eq!(shop.send_creem("checkout.completed", paid).await, 200);
+        assert_eq!(shop.stored(buyer).await, 100.0);
+        let whole =
+            json!({"id": "ref_3", "refund_amount": 1999, "transaction": {"id": "tran_pack"}});
+        assert_eq!(shop.send_creem("refund.created", whole).await, 200);
+        assert_eq!(shop.stored(buyer).await, 0.0);
+        let (_, body) = shop.get(buyer, &format!("/orders/{pack_order}")).await;
+        assert_eq!(body["data"]["status"], "refunded");
+
+        invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+        shop.close().await;
+    }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261121_000001_initial_schema;
 mod m20261203_000001_hold_outcome;
 mod m20261203_000002_write_conflict;
+mod m20261203_000003_subscription_payments;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_initial_schema::Migration),
             Box::new(m20261203_000001_hold_outcome::Migration),
             Box::new(m20261203_000002_write_conflict::Migration),
+            Box::new(m20261203_000003_subscription_payments::Migration),
         ]
     }
 }

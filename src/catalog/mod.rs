@@ -1,16 +1,19 @@
-//! The catalog: subscription plans, credit packs and usage rates.
+//! The catalog: subscription plans, credit packs and usage rates, and
+//! which plan an organization is on.
 //!
-//! Reads for the public listings, and the default catalog (CONTRACT §7)
-//! seeded into a database that has no plans yet.
+//! Reads for the public listings, the one rule for an organization's plan
+//! in force ([`active_subscription`], [`effective_plan`]), and the default
+//! catalog seeded into a database that has no plans yet.
 
 mod seed;
 
+use chrono::{DateTime, Utc};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 
 pub use seed::seed_default_catalog;
 
 use crate::{
-    entities::{pack, plan, rate},
+    entities::{pack, plan, rate, subscription},
     error::Result,
 };
 
@@ -62,4 +65,56 @@ pub fn plan_features(plan: &plan::Model) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The free plan every organization without a paid one is on.
+pub const FREE_PLAN_CODE: &str = "SUB_BASE";
+
+/// Subscription statuses in which the plan is in force (a `past_due`
+/// subscription keeps its plan while the provider retries the payment).
+pub const ACTIVE_STATUSES: &[&str] = &["active", "trialing", "past_due"];
+
+/// The organization's subscription in force and its plan, if any: the
+/// newest one in an active status whose current period has not ended.
+pub async fn active_subscription(
+    db: &impl ConnectionTrait,
+    org_id: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<(subscription::Model, plan::Model)>> {
+    let subs = subscription::Entity::find()
+        .filter(subscription::Column::OrgId.eq(org_id))
+        .filter(subscription::Column::Status.is_in(ACTIVE_STATUSES.iter().copied()))
+        .order_by_desc(subscription::Column::CreatedAt)
+        .all(db)
+        .await?;
+    for sub in subs {
+        if sub.current_period_end.is_some_and(|end| end <= now) {
+            continue;
+        }
+        if let Some(plan) = plan::Entity::find_by_id(sub.plan_id.clone())
+            .one(db)
+            .await?
+        {
+            return Ok(Some((sub, plan)));
+        }
+    }
+    Ok(None)
+}
+
+/// The plan an organization is on: its subscription's, else the free plan.
+pub async fn effective_plan(
+    db: &impl ConnectionTrait,
+    org_id: Option<i64>,
+    now: DateTime<Utc>,
+) -> Result<(Option<subscription::Model>, Option<plan::Model>)> {
+    if let Some(org_id) = org_id
+        && let Some((sub, plan)) = active_subscription(db, org_id, now).await?
+    {
+        return Ok((Some(sub), Some(plan)));
+    }
+    let free = plan::Entity::find()
+        .filter(plan::Column::Code.eq(FREE_PLAN_CODE))
+        .one(db)
+        .await?;
+    Ok((None, free))
 }

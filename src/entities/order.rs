@@ -20,6 +20,8 @@ pub struct Model {
     pub provider_session_id: Option<String>,
     pub provider_payment_id: Option<String>,
     pub provider_subscription_id: Option<String>,
+    /// The provider payment of a subscription period this order is.
+    pub provider_invoice_id: Option<String>,
     pub refunded_cents: i64,
     pub created_at: DateTimeUtc,
     pub paid_at: Option<DateTimeUtc>,

@@ -16,6 +16,8 @@ pub struct Model {
     pub current_period_start: Option<DateTimeUtc>,
     pub current_period_end: Option<DateTimeUtc>,
     pub cancel_at_period_end: bool,
+    /// When the provider produced the state this row holds.
+    pub provider_updated_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -532,10 +532,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Payment",
             )
             .raw_body(),
-            pending::<WebhookRequest, WebhookResponse>(
-                Method::POST,
-                "/billing.v1.PaymentService/HandleCreemWebhook",
-            ),
+            post(payments::creem_webhook),
         ),
         (
             doc(

@@ -122,9 +122,19 @@ struct ReceivedJson {
     received: bool,
 }
 
+#[derive(Clone, Copy)]
+enum Provider {
+    Stripe,
+    Creem,
+}
+
 /// A provider webhook: the raw body and the signature header, passed on
 /// untouched (the signature covers the exact bytes).
-async fn webhook(gw: Gateway, headers: HeaderMap, body: Bytes, header: &str) -> ApiResult {
+async fn webhook(gw: Gateway, headers: HeaderMap, body: Bytes, provider: Provider) -> ApiResult {
+    let header = match provider {
+        Provider::Stripe => "stripe-signature",
+        Provider::Creem => "creem-signature",
+    };
     let signature = headers
         .get(header)
         .and_then(|v| v.to_str().ok())
@@ -135,10 +145,12 @@ async fn webhook(gw: Gateway, headers: HeaderMap, body: Bytes, header: &str) -> 
         signature,
     };
     let mut client = pb::payment_service_client::PaymentServiceClient::new(gw.channel);
-    let r = client
-        .handle_stripe_webhook(grpc_request(&headers, request))
-        .await?
-        .into_inner();
+    let request = grpc_request(&headers, request);
+    let r = match provider {
+        Provider::Stripe => client.handle_stripe_webhook(request).await?,
+        Provider::Creem => client.handle_creem_webhook(request).await?,
+    }
+    .into_inner();
     Ok(envelope::ok(ReceivedJson {
         received: r.received,
     }))
@@ -149,7 +161,15 @@ pub async fn stripe_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    webhook(gw, headers, body, "stripe-signature").await
+    webhook(gw, headers, body, Provider::Stripe).await
+}
+
+pub async fn creem_webhook(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    webhook(gw, headers, body, Provider::Creem).await
 }
 
 #[derive(Deserialize)]

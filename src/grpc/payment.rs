@@ -2,13 +2,13 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{convert, input, not_yet};
+use super::{convert, input};
 use crate::{
     auth::caller,
     error::Error,
     payments::{
         orders,
-        purchase::{self, BuyPack, Channel},
+        purchase::{self, BuyPack, Channel, Period, Subscribe},
         webhooks,
     },
     pb,
@@ -42,16 +42,7 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
             .ok_or_else(|| Error::invalid("success_url", "is required"))?;
         let cancel_url = input::optional_url("cancel_url", Some(&r.cancel_url))?
             .ok_or_else(|| Error::invalid("cancel_url", "is required"))?;
-        match r.billing_period.as_deref().map(str::trim) {
-            None | Some("" | "monthly" | "yearly") => {}
-            Some(other) => {
-                return Err(Error::invalid(
-                    "billing_period",
-                    format!("unknown billing period `{other}` (monthly, yearly)"),
-                )
-                .into());
-            }
-        }
+        let period = Period::parse("billing_period", r.billing_period.as_deref())?;
         purchase::check_coupon(r.coupon_code.as_deref())?;
         match r.r#type.trim() {
             "pack" => {
@@ -74,8 +65,24 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
                 }))
             }
             "subscription" => {
-                input::required("plan_id", r.plan_id.as_deref().unwrap_or(""), 64)?;
-                not_yet!("subscription checkout")
+                let plan_id = input::required("plan_id", r.plan_id.as_deref().unwrap_or(""), 64)?;
+                let checkout = purchase::subscribe(
+                    &self.state,
+                    Subscribe {
+                        org,
+                        plan_id,
+                        period,
+                        channel,
+                        success_url: Some(success_url),
+                        cancel_url: Some(cancel_url),
+                    },
+                )
+                .await?;
+                Ok(Response::new(pb::CreateSessionResponse {
+                    order_id: checkout.order_id,
+                    session_id: checkout.session_id,
+                    url: checkout.url,
+                }))
             }
             "" => Err(Error::invalid("type", "is required (subscription, pack)").into()),
             other => Err(Error::invalid(
@@ -132,8 +139,10 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
 
     async fn handle_creem_webhook(
         &self,
-        _request: Request<pb::WebhookRequest>,
+        request: Request<pb::WebhookRequest>,
     ) -> Result<Response<pb::WebhookResponse>, Status> {
-        not_yet!("PaymentService.HandleCreemWebhook")
+        let r = request.into_inner();
+        webhooks::creem(&self.state, &r.payload, &r.signature).await?;
+        Ok(Response::new(pb::WebhookResponse { received: true }))
     }
 }

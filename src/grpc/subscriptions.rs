@@ -4,10 +4,13 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, input};
 use crate::{
-    auth::caller, catalog, entities::organization, error::Error,
-    payments::subscriptions::effective_plan, pb, state::AppState,
+    auth::caller,
+    catalog::{self, effective_plan},
+    error::Error,
+    payments::purchase,
+    pb,
+    state::AppState,
 };
-use sea_orm::EntityTrait;
 
 pub struct SubscriptionsApi {
     state: AppState,
@@ -63,22 +66,7 @@ impl pb::subscriptions_service_server::SubscriptionsService for SubscriptionsApi
     ) -> Result<Response<pb::CreatePortalSessionResponse>, Status> {
         let org = caller(&request)?.org_id.clone();
         let return_url = input::optional_url("return_url", Some(&request.get_ref().return_url))?;
-        let customer = match self.state.ledger.org_id(&org).await? {
-            Some(id) => organization::Entity::find_by_id(id)
-                .one(&self.state.db)
-                .await
-                .map_err(Error::from)?
-                .and_then(|o| o.stripe_customer_id),
-            None => None,
-        };
-        // Creem customers get Creem's portal once Creem is built.
-        let customer = customer.ok_or(Error::NoBillingAccount)?;
-        let stripe = self
-            .state
-            .stripe
-            .as_ref()
-            .ok_or(Error::PaymentProviderNotConfigured("stripe"))?;
-        let url = stripe.portal(&customer, return_url.as_deref()).await?;
+        let url = purchase::portal(&self.state, &org, return_url.as_deref()).await?;
         Ok(Response::new(pb::CreatePortalSessionResponse { url }))
     }
 }

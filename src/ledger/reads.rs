@@ -13,7 +13,7 @@ use sea_orm::{
 
 use super::{Ledger, model::LotKind};
 use crate::{
-    entities::{credit_lot, ledger_monthly, ledger_transaction, organization, plan, subscription},
+    entities::{credit_lot, ledger_monthly, ledger_transaction, organization, plan},
     error::{Error, Result},
 };
 
@@ -270,7 +270,8 @@ pub async fn monthly_stats(
             index.insert(month_key(month), i);
         }
     }
-    if let Some(org_id) = ledger.org_id(org).await? {
+    let org_id = ledger.org_id(org).await?;
+    if let Some(org_id) = org_id {
         let rows = ledger_monthly::Entity::find()
             .filter(ledger_monthly::Column::OrgId.eq(org_id))
             .filter(ledger_monthly::Column::Month.gte(month_key(first)))
@@ -314,17 +315,14 @@ pub struct CreditInfo {
     pub plan_since: DateTime<Utc>,
 }
 
-/// Subscription statuses in which the plan is in force.
-pub const ACTIVE_STATUSES: &[&str] = &["active", "trialing", "past_due"];
-
 pub async fn credit_info(ledger: &Ledger, org: &str) -> Result<CreditInfo> {
     let now = ledger.now();
     let balance = balance(ledger, org).await?;
     let db = ledger.db();
     let mut lots = Vec::new();
-    let mut plan_row = None;
     let mut plan_since = now;
-    if let Some(org_id) = ledger.org_id(org).await? {
+    let org_id = ledger.org_id(org).await?;
+    if let Some(org_id) = org_id {
         let rows = credit_lot::Entity::find()
             .filter(credit_lot::Column::OrgId.eq(org_id))
             .filter(credit_lot::Column::RemainingMicros.gt(0))
@@ -354,24 +352,14 @@ pub async fn credit_info(ledger: &Ledger, org: &str) -> Result<CreditInfo> {
                 super::model::LotRef::New(_) => None,
             })
             .collect();
-        let sub = subscription::Entity::find()
-            .filter(subscription::Column::OrgId.eq(org_id))
-            .filter(subscription::Column::Status.is_in(ACTIVE_STATUSES.iter().copied()))
-            .order_by_desc(subscription::Column::CreatedAt)
-            .one(db)
-            .await?;
-        if let Some(sub) = sub {
-            plan_since = sub.created_at;
-            plan_row = plan::Entity::find_by_id(sub.plan_id).one(db).await?;
-        } else if let Some(o) = organization::Entity::find_by_id(org_id).one(db).await? {
-            plan_since = o.created_at;
-        }
     }
-    if plan_row.is_none() {
-        plan_row = plan::Entity::find()
-            .filter(plan::Column::Code.eq("SUB_BASE"))
-            .one(db)
-            .await?;
+    let (sub, plan_row) = crate::catalog::effective_plan(db, org_id, now).await?;
+    if let Some(sub) = sub {
+        plan_since = sub.created_at;
+    } else if let Some(org_id) = org_id
+        && let Some(o) = organization::Entity::find_by_id(org_id).one(db).await?
+    {
+        plan_since = o.created_at;
     }
     Ok(CreditInfo {
         balance,

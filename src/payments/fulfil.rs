@@ -12,14 +12,14 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait,
     sea_query::{Expr, ExprTrait, Query, UpdateStatement},
 };
 
-use super::orders::Status;
+use super::{orders::Status, purchase::Channel};
 use crate::{
     domain::MICROS_PER_CREDIT,
-    entities::{order, organization, pack},
+    entities::{credit_lot, order, organization, pack},
     error::{Error, Result},
     ledger::{GrantInput, LotKind, SettleInput, SideWrite, TakeBackInput, VoidInput},
     state::AppState,
@@ -54,22 +54,28 @@ struct Bought {
     expiry_days: i64,
 }
 
-async fn bought(state: &AppState, order: order::Model) -> Result<Bought> {
-    let org = organization::Entity::find_by_id(order.org_id)
+async fn org_of(state: &AppState, order: &order::Model) -> Result<String> {
+    Ok(organization::Entity::find_by_id(order.org_id)
         .one(&state.db)
         .await?
-        .ok_or_else(|| Error::internal(format!("order {} has no organization", order.id)))?;
+        .ok_or_else(|| Error::internal(format!("order {} has no organization", order.id)))?
+        .external_id)
+}
+
+/// A pack order and its pack's terms.
+async fn bought(state: &AppState, order: order::Model) -> Result<Bought> {
+    let org = org_of(state, &order).await?;
     let pack_id = order
         .pack_id
         .clone()
-        .ok_or(Error::NotImplemented("subscription orders"))?;
+        .ok_or_else(|| Error::internal(format!("order {} buys no pack", order.id)))?;
     let pack = pack::Entity::find_by_id(pack_id)
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::internal(format!("order {} names a missing pack", order.id)))?;
     Ok(Bought {
         order,
-        org: org.external_id,
+        org,
         credits_micros: pack.credits.saturating_mul(MICROS_PER_CREDIT),
         expiry_days: pack
             .lot_expiry_days
@@ -82,6 +88,19 @@ pub async fn find_order(state: &AppState, id: &str) -> Result<Option<order::Mode
     Ok(order::Entity::find_by_id(id).one(&state.db).await?)
 }
 
+/// The subscription-period order of `channel` paid by provider payment `key`.
+pub async fn order_by_invoice(
+    state: &AppState,
+    channel: Channel,
+    key: &str,
+) -> Result<Option<order::Model>> {
+    Ok(order::Entity::find()
+        .filter(order::Column::Channel.eq(channel.as_str()))
+        .filter(order::Column::ProviderInvoiceId.eq(key))
+        .one(&state.db)
+        .await?)
+}
+
 /// The order paid by `payment_intent`.
 pub async fn order_by_payment(
     state: &AppState,
@@ -91,6 +110,53 @@ pub async fn order_by_payment(
         .filter(order::Column::ProviderPaymentId.eq(payment_intent))
         .one(&state.db)
         .await?)
+}
+
+/// Whether an order is for a subscription (whose credits come with each
+/// paid period, not with the checkout).
+pub fn is_subscription(order: &order::Model) -> bool {
+    order.kind == "subscription"
+}
+
+/// The ledger source of the credits an order paid for: the order itself
+/// for a pack, the provider payment for a subscription period.
+fn lot_source(order: &order::Model) -> Option<(String, String)> {
+    if is_subscription(order) {
+        let channel = Channel::parse("channel", Some(&order.channel)).ok()?;
+        let key = order.provider_invoice_id.clone()?;
+        Some((channel.period_source().into(), key))
+    } else {
+        Some((ORDER_SOURCE.into(), order.id.clone()))
+    }
+}
+
+/// A subscription checkout completed: the order records its subscription,
+/// and is `paid` when the money is in (the credits come with the
+/// subscription's paid periods).
+pub async fn subscription_started(
+    state: &AppState,
+    order: &order::Model,
+    subscription: Option<&str>,
+    paid: bool,
+) -> Result<()> {
+    let now = state.clock.now();
+    let mut stmt = update_order(&order.id, now);
+    if let Some(s) = subscription {
+        stmt.value(order::Column::ProviderSubscriptionId, Some(s.to_owned()));
+    }
+    if paid {
+        stmt.value(order::Column::Status, Status::Paid.as_str())
+            .value(order::Column::PaidAt, Some(now))
+            .and_where(Expr::col(order::Column::Status).is_in([
+                Status::Pending.as_str(),
+                Status::Failed.as_str(),
+                Status::Expired.as_str(),
+            ]));
+    }
+    let db = &state.db;
+    db.execute_raw(db.get_database_backend().build(&stmt))
+        .await?;
+    Ok(())
 }
 
 /// The payment arrived: the order's credits become spendable (settling
@@ -159,10 +225,17 @@ pub async fn awaiting_payment(
 
 /// The delayed payment failed: the pending credits go, the order `failed`.
 pub async fn payment_failed(state: &AppState, order: order::Model) -> Result<()> {
-    let b = bought(state, order).await?;
-    let mut stmt = update_order(&b.order.id, state.clock.now());
+    let mut stmt = update_order(&order.id, state.clock.now());
     stmt.value(order::Column::Status, Status::Failed.as_str())
         .and_where(Expr::col(order::Column::Status).eq(Status::Pending.as_str()));
+    if is_subscription(&order) {
+        // No credits were shown for it.
+        let db = &state.db;
+        db.execute_raw(db.get_database_backend().build(&stmt))
+            .await?;
+        return Ok(());
+    }
+    let b = bought(state, order).await?;
     state
         .ledger
         .void(VoidInput {
@@ -199,12 +272,14 @@ fn share(credits: i64, cents: i64, amount: i64) -> i64 {
 /// The order's money came back (refund or lost dispute), `refunded_cents`
 /// in all so far: takes back what the refunded share grew by since the
 /// order last recorded, at most what its lot has left, and marks the order
-/// `refunded`. `key` names this step for the ledger's idempotency.
+/// `refunded`. `key` names this step for the ledger's idempotency;
+/// `also` are further writes of the same step, in the same transaction.
 pub async fn refunded(
     state: &AppState,
     order: order::Model,
     refunded_cents: i64,
     key: &str,
+    also: Vec<SideWrite>,
 ) -> Result<()> {
     let refunded_cents = Ord::min(refunded_cents, Ord::max(order.amount_cents, 0));
     if refunded_cents <= order.refunded_cents {
@@ -217,34 +292,53 @@ pub async fn refunded(
             order.id
         )));
     }
-    let b = bought(state, order).await?;
-    let before = share(
-        b.credits_micros,
-        b.order.refunded_cents,
-        b.order.amount_cents,
-    );
-    let after = share(b.credits_micros, refunded_cents, b.order.amount_cents);
-    let mut stmt = update_order(&b.order.id, state.clock.now());
+    let (source_type, source_id) = lot_source(&order).ok_or_else(|| {
+        // A subscription order whose payment has not been seen yet.
+        Error::Unavailable(format!("order {} is not paid yet; retry later", order.id))
+    })?;
+    let lot = credit_lot::Entity::find()
+        .filter(credit_lot::Column::OrgId.eq(order.org_id))
+        .filter(credit_lot::Column::SourceType.eq(source_type.as_str()))
+        .filter(credit_lot::Column::SourceId.eq(source_id.as_str()))
+        .one(&state.db)
+        .await?;
+    // What the payment brought (a plan of no credits brought none).
+    let credits = lot.map_or(0, |l| l.allocated_micros);
+    let org = org_of(state, &order).await?;
+    let before = share(credits, order.refunded_cents, order.amount_cents);
+    let after = share(credits, refunded_cents, order.amount_cents);
+    let mut stmt = update_order(&order.id, state.clock.now());
     stmt.value(order::Column::Status, Status::Refunded.as_str())
         .value(order::Column::RefundedCents, refunded_cents)
-        .and_where(Expr::col(order::Column::RefundedCents).eq(b.order.refunded_cents));
-    let guarded = side(&state.db, &stmt, Some(1));
+        .and_where(Expr::col(order::Column::RefundedCents).eq(order.refunded_cents));
+    let mut writes = vec![side(&state.db, &stmt, Some(1))];
+    writes.extend(also);
     if after > before {
         state
             .ledger
             .take_back(TakeBackInput {
-                org: b.org,
-                source_type: ORDER_SOURCE.into(),
-                source_id: b.order.id.clone(),
+                org,
+                source_type,
+                source_id,
                 amount: after - before,
-                key: format!("{key}:{}:{refunded_cents}", b.order.id),
-                description: format!("Refund of order {}", b.order.id),
-                then: vec![guarded],
+                key: format!("{key}:{}:{refunded_cents}", order.id),
+                description: format!("Refund of order {}", order.id),
+                then: writes,
             })
             .await?;
     } else {
-        let db = &state.db;
-        db.execute_raw(guarded.statement).await?;
+        // No credits to take: the same writes, with the same guards.
+        let txn = state.db.begin().await?;
+        for w in writes {
+            let done = txn.execute_raw(w.statement).await?;
+            if w.expect_rows.is_some_and(|n| n != done.rows_affected()) {
+                return Err(Error::Unavailable(format!(
+                    "order {} changed meanwhile; retry",
+                    order.id
+                )));
+            }
+        }
+        txn.commit().await?;
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Buying a pack: the rules, the order, the provider's checkout.
+//! Buying: a pack (its rules, the order, the provider's checkout), or a
+//! subscription to a plan (the order and the provider's checkout).
 //!
 //! The rules are checked in one transaction that first writes the
 //! organization's row, so concurrent purchases of one organization (on
@@ -25,13 +26,21 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, TransactionTrait,
-    sea_query::Expr,
+    ColumnTrait, Condition, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter,
+    TransactionTrait, sea_query::Expr,
 };
 
-use super::{orders::Status, stripe::client::PackCheckout, subscriptions::active_subscription};
+use super::{
+    creem::{Creem, wire},
+    orders::Status,
+    stripe::{
+        Stripe,
+        client::{CheckoutRequest, Interval, Sale, Session},
+    },
+};
+use crate::catalog::active_subscription;
 use crate::{
-    entities::{order, organization, pack},
+    entities::{order, organization, pack, plan},
     error::{Error, Result},
     state::AppState,
 };
@@ -59,6 +68,34 @@ impl Channel {
         match self {
             Self::Stripe => "stripe",
             Self::Creem => "creem",
+        }
+    }
+}
+
+/// How often a plan is paid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Monthly,
+    Yearly,
+}
+
+impl Period {
+    /// `monthly` (the default) or `yearly`.
+    pub fn parse(field: &str, value: Option<&str>) -> Result<Self> {
+        match value.map(str::trim).filter(|v| !v.is_empty()) {
+            None | Some("monthly") => Ok(Self::Monthly),
+            Some("yearly") => Ok(Self::Yearly),
+            Some(other) => Err(Error::invalid(
+                field,
+                format!("unknown billing period `{other}` (monthly, yearly)"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Monthly => "monthly",
+            Self::Yearly => "yearly",
         }
     }
 }
@@ -196,6 +233,7 @@ async fn open_order(
                 provider_session_id: None,
                 provider_payment_id: None,
                 provider_subscription_id: None,
+                provider_invoice_id: None,
                 refunded_cents: 0,
                 created_at: now,
                 paid_at: None,
@@ -211,66 +249,161 @@ async fn open_order(
     Ok((order, org))
 }
 
-/// Buys a pack: rules, order, checkout.
-pub async fn buy_pack(state: &AppState, req: BuyPack) -> Result<Checkout> {
-    let pack = pack::Entity::find_by_id(req.pack_id.clone())
-        .filter(pack::Column::Active.eq(true))
-        .one(&state.db)
-        .await?
-        .ok_or(Error::PackNotFound)?;
-    let stripe = match req.channel {
+/// A configured provider.
+enum Provider<'a> {
+    Stripe(&'a Stripe),
+    Creem(&'a Creem),
+}
+
+/// Who is buying: the organization's external id and its row.
+struct Buyer<'a> {
+    org: &'a str,
+    row: &'a organization::Model,
+}
+
+/// The channel's client: `503 PAYMENT_PROVIDER_NOT_CONFIGURED` without
+/// its key.
+fn provider(state: &AppState, channel: Channel) -> Result<Provider<'_>> {
+    match channel {
         Channel::Stripe => state
             .stripe
-            .clone()
-            .ok_or(Error::PaymentProviderNotConfigured("stripe"))?,
-        Channel::Creem => {
-            if state.config.creem_api_key.is_none() {
-                return Err(Error::PaymentProviderNotConfigured("creem"));
-            }
-            return Err(Error::NotImplemented("Creem checkout"));
-        }
-    };
-    let now = state.clock.now();
-    let org_id = state.ledger.ensure_org(&req.org).await?;
-    let (order, org) = open_order(state, org_id, &pack, req.channel, now).await?;
-
-    let result = async {
-        let customer = match org.stripe_customer_id.clone() {
-            Some(c) => c,
-            None => {
-                let c = stripe.create_customer(&req.org).await?;
-                organization::Entity::update_many()
-                    .col_expr(
-                        organization::Column::StripeCustomerId,
-                        Expr::value(Some(c.clone())),
-                    )
-                    .filter(organization::Column::Id.eq(org_id))
-                    .filter(organization::Column::StripeCustomerId.is_null())
-                    .exec(&state.db)
-                    .await?;
-                c
-            }
-        };
-        stripe
-            .pack_checkout(&PackCheckout {
-                order_id: &order.id,
-                org: &req.org,
-                customer: &customer,
-                name: &pack.name,
-                currency: &pack.currency,
-                amount_cents: pack.price_cents,
-                price_id: pack.stripe_price_id.as_deref(),
-                success_url: req.success_url.as_deref(),
-                cancel_url: req.cancel_url.as_deref(),
-            })
-            .await
+            .as_ref()
+            .map(Provider::Stripe)
+            .ok_or(Error::PaymentProviderNotConfigured("stripe")),
+        Channel::Creem => state
+            .creem
+            .as_ref()
+            .map(Provider::Creem)
+            .ok_or(Error::PaymentProviderNotConfigured("creem")),
     }
-    .await;
-    let session = match result {
+}
+
+/// What a checkout sells, as the providers need it.
+struct Item<'a> {
+    name: &'a str,
+    currency: &'a str,
+    amount_cents: i64,
+    stripe_price: Option<&'a str>,
+    creem_product: Option<&'a str>,
+    /// A plan, with its id and billing period; `None` for a pack.
+    plan: Option<(&'a str, Period)>,
+}
+
+impl Item<'_> {
+    /// Creem sells only its own products.
+    fn check(&self, channel: Channel) -> Result<()> {
+        match channel {
+            Channel::Stripe => Ok(()),
+            Channel::Creem if self.creem_product.is_some() => Ok(()),
+            Channel::Creem => Err(Error::CreemProductNotConfigured),
+        }
+    }
+}
+
+/// The organization's Stripe customer, created once (keyed on the
+/// organization at Stripe, and stored only where none is yet).
+async fn stripe_customer(
+    state: &AppState,
+    stripe: &Stripe,
+    org: &str,
+    row: &organization::Model,
+) -> Result<String> {
+    if let Some(c) = &row.stripe_customer_id {
+        return Ok(c.clone());
+    }
+    let c = stripe.create_customer(org).await?;
+    organization::Entity::update_many()
+        .col_expr(
+            organization::Column::StripeCustomerId,
+            Expr::value(Some(c.clone())),
+        )
+        .filter(organization::Column::Id.eq(row.id))
+        .filter(organization::Column::StripeCustomerId.is_null())
+        .exec(&state.db)
+        .await?;
+    Ok(c)
+}
+
+/// Asks the provider for the order's checkout.
+async fn provider_checkout(
+    state: &AppState,
+    provider: &Provider<'_>,
+    Buyer { org, row }: &Buyer<'_>,
+    order: &order::Model,
+    item: &Item<'_>,
+    urls: (Option<&str>, Option<&str>),
+) -> Result<Session> {
+    match provider {
+        Provider::Stripe(stripe) => {
+            let customer = stripe_customer(state, stripe, org, row).await?;
+            let sale = match item.plan {
+                None => Sale::Pack,
+                Some((plan_id, period)) => Sale::Plan {
+                    plan_id,
+                    interval: match period {
+                        Period::Monthly => Interval::Month,
+                        Period::Yearly => Interval::Year,
+                    },
+                },
+            };
+            stripe
+                .checkout(&CheckoutRequest {
+                    sale,
+                    order_id: &order.id,
+                    org,
+                    customer: &customer,
+                    name: item.name,
+                    currency: item.currency,
+                    amount_cents: item.amount_cents,
+                    price_id: item.stripe_price,
+                    success_url: urls.0,
+                    cancel_url: urls.1,
+                })
+                .await
+        }
+        Provider::Creem(creem) => {
+            let product = item.creem_product.ok_or(Error::CreemProductNotConfigured)?;
+            let answer = creem
+                .checkout(&wire::CheckoutRequest {
+                    product_id: product.to_owned(),
+                    request_id: order.id.clone(),
+                    success_url: urls.0.map(str::to_owned),
+                    metadata: wire::CheckoutMetadata {
+                        order_id: order.id.clone(),
+                        org_id: (*org).to_owned(),
+                        plan_id: item.plan.map(|(id, _)| id.to_owned()),
+                    },
+                    customer: row
+                        .creem_customer_id
+                        .clone()
+                        .map(|id| wire::CustomerRef { id }),
+                })
+                .await?;
+            Ok(Session {
+                id: answer.id,
+                url: answer.checkout_url,
+            })
+        }
+    }
+}
+
+/// Opens the provider's checkout for an open order and records its
+/// session. When the provider fails, the order is marked `failed`
+/// without a session (to be reopened by the next attempt) and the
+/// purchase attempt time the order took is given back.
+async fn checkout(
+    state: &AppState,
+    provider: &Provider<'_>,
+    buyer: &Buyer<'_>,
+    order: order::Model,
+    item: &Item<'_>,
+    urls: (Option<&str>, Option<&str>),
+    now: DateTime<Utc>,
+) -> Result<Checkout> {
+    let row = buyer.row;
+    let session = match provider_checkout(state, provider, buyer, &order, item, urls).await {
         Ok(s) => s,
         Err(e) => {
-            // Not an attempt: the order waits to be reopened, and the
-            // cooldown is given back (unless a later attempt took it).
             order::Entity::update_many()
                 .col_expr(order::Column::Status, Expr::value(Status::Failed.as_str()))
                 .col_expr(order::Column::UpdatedAt, Expr::value(now))
@@ -279,12 +412,13 @@ pub async fn buy_pack(state: &AppState, req: BuyPack) -> Result<Checkout> {
                 .filter(order::Column::ProviderSessionId.is_null())
                 .exec(&state.db)
                 .await?;
+            // Unless a later attempt took it meanwhile.
             organization::Entity::update_many()
                 .col_expr(
                     organization::Column::LastPurchaseAttemptAt,
-                    Expr::value(org.last_purchase_attempt_at),
+                    Expr::value(row.last_purchase_attempt_at),
                 )
-                .filter(organization::Column::Id.eq(org_id))
+                .filter(organization::Column::Id.eq(row.id))
                 .filter(organization::Column::LastPurchaseAttemptAt.eq(now))
                 .exec(&state.db)
                 .await?;
@@ -305,4 +439,182 @@ pub async fn buy_pack(state: &AppState, req: BuyPack) -> Result<Checkout> {
         session_id: session.id,
         url: session.url,
     })
+}
+
+/// Buys a pack: rules, order, checkout.
+pub async fn buy_pack(state: &AppState, req: BuyPack) -> Result<Checkout> {
+    let pack = pack::Entity::find_by_id(req.pack_id.clone())
+        .filter(pack::Column::Active.eq(true))
+        .one(&state.db)
+        .await?
+        .ok_or(Error::PackNotFound)?;
+    let provider = provider(state, req.channel)?;
+    let item = Item {
+        name: &pack.name,
+        currency: &pack.currency,
+        amount_cents: pack.price_cents,
+        stripe_price: pack.stripe_price_id.as_deref(),
+        creem_product: pack.creem_product_id.as_deref(),
+        plan: None,
+    };
+    item.check(req.channel)?;
+    let now = state.clock.now();
+    let org_id = state.ledger.ensure_org(&req.org).await?;
+    let (order, row) = open_order(state, org_id, &pack, req.channel, now).await?;
+    let urls = (req.success_url.as_deref(), req.cancel_url.as_deref());
+    let buyer = Buyer {
+        org: &req.org,
+        row: &row,
+    };
+    checkout(state, &provider, &buyer, order, &item, urls, now).await
+}
+
+/// A validated subscription checkout.
+pub struct Subscribe {
+    pub org: String,
+    pub plan_id: String,
+    pub period: Period,
+    pub channel: Channel,
+    pub success_url: Option<String>,
+    pub cancel_url: Option<String>,
+}
+
+/// Opens a subscription checkout for a paid plan: `404 PLAN_NOT_FOUND`
+/// for an unknown, inactive or free plan. The plan's Stripe price id for
+/// the period is used when set, else an inline recurring price of the
+/// plan's amount; Creem needs the plan's `creem_product_id`. An order
+/// that a provider failure left `failed` for the same plan, period and
+/// channel is reopened, like a pack's.
+pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
+    let plan = plan::Entity::find()
+        .filter(
+            Condition::any()
+                .add(plan::Column::Id.eq(req.plan_id.as_str()))
+                .add(plan::Column::Code.eq(req.plan_id.as_str())),
+        )
+        .filter(plan::Column::Active.eq(true))
+        .one(&state.db)
+        .await?
+        .ok_or(Error::PlanNotFound)?;
+    let amount_cents = match req.period {
+        Period::Monthly => plan.price_monthly_cents,
+        Period::Yearly => plan.price_yearly_cents,
+    };
+    if amount_cents <= 0 {
+        return Err(Error::invalid(
+            "plan_id",
+            format!("plan `{}` is free: it needs no checkout", plan.code),
+        ));
+    }
+    let provider = provider(state, req.channel)?;
+    let item = Item {
+        name: &plan.name,
+        currency: &plan.currency,
+        amount_cents,
+        stripe_price: match req.period {
+            Period::Monthly => plan.stripe_price_monthly.as_deref(),
+            Period::Yearly => plan.stripe_price_yearly.as_deref(),
+        },
+        creem_product: plan.creem_product_id.as_deref(),
+        plan: Some((&plan.id, req.period)),
+    };
+    item.check(req.channel)?;
+    let now = state.clock.now();
+    let org_id = state.ledger.ensure_org(&req.org).await?;
+    let row = organization::Entity::find_by_id(org_id)
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::internal(format!("organization {org_id} vanished")))?;
+    let reusable = order::Entity::find()
+        .filter(order::Column::OrgId.eq(org_id))
+        .filter(order::Column::Kind.eq("subscription"))
+        .filter(order::Column::PlanId.eq(plan.id.as_str()))
+        .filter(order::Column::BillingPeriod.eq(req.period.as_str()))
+        .filter(order::Column::Channel.eq(req.channel.as_str()))
+        .filter(order::Column::Status.eq(Status::Failed.as_str()))
+        .filter(order::Column::ProviderSessionId.is_null())
+        .one(&state.db)
+        .await?;
+    let order = match reusable {
+        Some(o) => {
+            let reopened = order::Entity::update_many()
+                .col_expr(order::Column::Status, Expr::value(Status::Pending.as_str()))
+                .col_expr(order::Column::UpdatedAt, Expr::value(now))
+                .filter(order::Column::Id.eq(o.id.clone()))
+                .filter(order::Column::Status.eq(Status::Failed.as_str()))
+                .exec(&state.db)
+                .await?;
+            if reopened.rows_affected != 1 {
+                return Err(Error::Unavailable(
+                    "another checkout of this plan is starting; retry".into(),
+                ));
+            }
+            order::Model {
+                status: Status::Pending.as_str().into(),
+                updated_at: now,
+                ..o
+            }
+        }
+        None => {
+            let o = order::Model {
+                id: format!("ord_{}", uuid::Uuid::now_v7().simple()),
+                org_id,
+                kind: "subscription".into(),
+                status: Status::Pending.as_str().into(),
+                pack_id: None,
+                plan_id: Some(plan.id.clone()),
+                billing_period: Some(req.period.as_str().into()),
+                amount_cents,
+                currency: plan.currency.clone(),
+                channel: req.channel.as_str().into(),
+                coupon_id: None,
+                provider_session_id: None,
+                provider_payment_id: None,
+                provider_subscription_id: None,
+                provider_invoice_id: None,
+                refunded_cents: 0,
+                created_at: now,
+                paid_at: None,
+                updated_at: now,
+            };
+            order::Entity::insert(o.clone().into_active_model())
+                .exec_without_returning(&state.db)
+                .await?;
+            o
+        }
+    };
+    let urls = (req.success_url.as_deref(), req.cancel_url.as_deref());
+    let buyer = Buyer {
+        org: &req.org,
+        row: &row,
+    };
+    checkout(state, &provider, &buyer, order, &item, urls, now).await
+}
+
+/// A billing-portal link for the organization: the provider of its
+/// subscription in force when it has one, else whichever provider knows
+/// it as a customer (Stripe first); `400 NO_BILLING_ACCOUNT` when none
+/// does.
+pub async fn portal(state: &AppState, org: &str, return_url: Option<&str>) -> Result<String> {
+    let Some(org_id) = state.ledger.org_id(org).await? else {
+        return Err(Error::NoBillingAccount);
+    };
+    let row = organization::Entity::find_by_id(org_id)
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NoBillingAccount)?;
+    let preferred = active_subscription(&state.db, org_id, state.clock.now())
+        .await?
+        .and_then(|(sub, _)| Channel::parse("channel", Some(&sub.channel)).ok());
+    let stripe = row.stripe_customer_id.map(|c| (Channel::Stripe, c));
+    let creem = row.creem_customer_id.map(|c| (Channel::Creem, c));
+    let (channel, customer) = match preferred {
+        Some(Channel::Creem) => creem.or(stripe),
+        Some(Channel::Stripe) | None => stripe.or(creem),
+    }
+    .ok_or(Error::NoBillingAccount)?;
+    match provider(state, channel)? {
+        Provider::Stripe(stripe) => stripe.portal(&customer, return_url).await,
+        Provider::Creem(creem) => creem.portal(&customer).await,
+    }
 }

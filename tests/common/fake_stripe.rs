@@ -12,10 +12,11 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
+    extract::Path,
     extract::State,
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
 use serde_json::{Value, json};
 
@@ -41,6 +42,7 @@ pub struct Call {
 struct Inner {
     calls: Vec<Call>,
     by_key: HashMap<String, Value>,
+    subscriptions: HashMap<String, Value>,
     next: u64,
     mode: Option<Mode>,
 }
@@ -58,6 +60,7 @@ impl FakeStripe {
             .route("/v1/customers", post(customers))
             .route("/v1/checkout/sessions", post(sessions))
             .route("/v1/billing_portal/sessions", post(portal))
+            .route("/v1/subscriptions/{id}", get(subscription))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -67,6 +70,12 @@ impl FakeStripe {
 
     pub fn set_mode(&self, mode: Mode) {
         self.inner.lock().unwrap().mode = Some(mode);
+    }
+
+    /// Makes `GET /v1/subscriptions/{id}` answer `object` (its `id`).
+    pub fn put_subscription(&self, object: Value) {
+        let id = object["id"].as_str().unwrap().to_owned();
+        self.inner.lock().unwrap().subscriptions.insert(id, object);
     }
 
     pub fn calls(&self, path: &str) -> Vec<Call> {
@@ -173,4 +182,26 @@ async fn portal(State(fake): State<FakeStripe>, headers: HeaderMap, body: Bytes)
         },
     )
     .await
+}
+
+async fn subscription(State(fake): State<FakeStripe>, Path(id): Path<String>) -> Response {
+    let path = format!("/v1/subscriptions/{id}");
+    let mut inner = fake.inner.lock().unwrap();
+    if inner.mode == Some(Mode::Failing) {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    inner.calls.push(Call {
+        path,
+        idempotency_key: None,
+        form: HashMap::new(),
+    });
+    match inner.subscriptions.get(&id) {
+        Some(object) => Json(object.clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"type": "invalid_request_error",
+                "message": format!("No such subscription: '{id}'")}})),
+        )
+            .into_response(),
+    }
 }

@@ -1,4 +1,5 @@
-//! Stripe's API through `async-stripe`: customers and checkout sessions.
+//! Stripe's API through `async-stripe`: customers, checkout sessions,
+//! billing-portal sessions and subscription retrieval.
 //!
 //! Every call has a deadline ([`CALL_TIMEOUT`]), and a failure of any kind
 //! (refused connection, timeout, 5xx, unreadable answer) is
@@ -11,10 +12,13 @@ use std::{collections::HashMap, time::Duration};
 
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_billing::subscription::RetrieveSubscription;
 use stripe_checkout::CheckoutSessionMode;
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionLineItemsPriceData,
-    ProductData,
+    CreateCheckoutSessionLineItemsPriceDataRecurring,
+    CreateCheckoutSessionLineItemsPriceDataRecurringInterval as RecurringInterval,
+    CreateCheckoutSessionSubscriptionData, ProductData,
 };
 use stripe_core::customer::CreateCustomer;
 
@@ -35,8 +39,25 @@ impl std::fmt::Debug for Stripe {
     }
 }
 
-/// What a pack checkout is for.
-pub struct PackCheckout<'a> {
+/// How often a subscription renews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interval {
+    Month,
+    Year,
+}
+
+/// What a checkout sells: a pack once, or a plan every interval.
+pub enum Sale<'a> {
+    Pack,
+    Plan {
+        plan_id: &'a str,
+        interval: Interval,
+    },
+}
+
+/// What a checkout is for.
+pub struct CheckoutRequest<'a> {
+    pub sale: Sale<'a>,
     pub order_id: &'a str,
     pub org: &'a str,
     pub customer: &'a str,
@@ -92,8 +113,10 @@ impl Stripe {
         Ok(customer.id.to_string())
     }
 
-    /// Opens a one-time payment checkout for a pack.
-    pub async fn pack_checkout(&self, c: &PackCheckout<'_>) -> Result<Session, Error> {
+    /// Opens a checkout: a one-time payment (`payment` mode) for a pack, a
+    /// `subscription` mode one for a plan, whose subscription carries the
+    /// organization and plan in its metadata.
+    pub async fn checkout(&self, c: &CheckoutRequest<'_>) -> Result<Session, Error> {
         let mut item = CreateCheckoutSessionLineItems::new();
         item.quantity = Some(1);
         match c.price_id {
@@ -107,6 +130,15 @@ impl Stripe {
                 let mut price = CreateCheckoutSessionLineItemsPriceData::new(currency);
                 price.unit_amount = Some(c.amount_cents);
                 price.product_data = Some(ProductData::new(c.name));
+                if let Sale::Plan { interval, .. } = c.sale {
+                    price.recurring = Some(CreateCheckoutSessionLineItemsPriceDataRecurring {
+                        interval: match interval {
+                            Interval::Month => RecurringInterval::Month,
+                            Interval::Year => RecurringInterval::Year,
+                        },
+                        interval_count: None,
+                    });
+                }
                 item.price_data = Some(price);
             }
         }
@@ -115,11 +147,22 @@ impl Stripe {
             ("org_id".to_owned(), c.org.to_owned()),
         ]);
         let mut request = CreateCheckoutSession::new()
-            .mode(CheckoutSessionMode::Payment)
             .client_reference_id(c.order_id)
             .customer(c.customer)
-            .metadata(metadata)
+            .metadata(metadata.clone())
             .line_items(vec![item]);
+        request = match c.sale {
+            Sale::Pack => request.mode(CheckoutSessionMode::Payment),
+            Sale::Plan { plan_id, .. } => {
+                let mut data = CreateCheckoutSessionSubscriptionData::new();
+                let mut metadata = metadata;
+                metadata.insert("plan_id".to_owned(), plan_id.to_owned());
+                data.metadata = Some(metadata);
+                request
+                    .mode(CheckoutSessionMode::Subscription)
+                    .subscription_data(data)
+            }
+        };
         if let Some(url) = c.success_url {
             request = request.success_url(url);
         }
@@ -137,6 +180,21 @@ impl Stripe {
             id: session.id.to_string(),
             url: session.url.unwrap_or_default(),
         })
+    }
+
+    /// The subscription `id` as Stripe has it now, as raw JSON: read
+    /// tolerantly (see [`super::events::subscription`]) rather than into
+    /// the crate's strict type, which fails on any field Stripe moved.
+    pub async fn subscription(&self, id: &str) -> Result<serde_json::Value, Error> {
+        let raw: miniserde::json::Value = RetrieveSubscription::new(id)
+            .build()
+            .customize()
+            .timeout(CALL_TIMEOUT)
+            .send(&self.client)
+            .await
+            .map_err(|e| unavailable("subscription retrieval", e))?;
+        serde_json::from_str(&miniserde::json::to_string(&raw))
+            .map_err(|e| Error::internal(format!("Stripe subscription {id}: {e}")))
     }
 
     /// A billing-portal session for `customer`; its URL.

@@ -17,6 +17,52 @@ pub struct SessionInfo {
     /// `paid`, `unpaid` or `no_payment_required`.
     pub payment_status: String,
     pub payment_intent: Option<String>,
+    /// `payment` or `subscription`.
+    pub mode: String,
+    /// The subscription a `subscription` mode checkout started.
+    pub subscription: Option<String>,
+}
+
+/// `metadata` as the service writes it on checkouts and subscriptions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    pub org: Option<String>,
+    pub plan: Option<String>,
+    pub order: Option<String>,
+}
+
+/// A subscription object (the events' `data.object`, or a retrieved one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionInfo {
+    pub id: String,
+    pub status: String,
+    pub customer: Option<String>,
+    pub metadata: Metadata,
+    /// The first item's price, and its interval (`month`, `year`).
+    pub price: Option<String>,
+    pub interval: Option<String>,
+    /// `items.data[].current_period_*`, else the top level's.
+    pub period: Option<(i64, i64)>,
+    pub cancel_at_period_end: bool,
+}
+
+/// A paid invoice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceInfo {
+    pub id: String,
+    /// `parent.subscription_details.subscription`, else `subscription`.
+    pub subscription: Option<String>,
+    pub customer: Option<String>,
+    /// The subscription's metadata as the invoice copies it.
+    pub metadata: Metadata,
+    /// `payment_intent`, else the first of `payments.data[].payment`.
+    pub payment_intent: Option<String>,
+    pub amount_paid: i64,
+    pub currency: String,
+    /// The subscription line's price and period, when the invoice has one.
+    pub price: Option<String>,
+    pub period: Option<(i64, i64)>,
+    pub billing_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +71,14 @@ pub enum Event {
     AsyncPaymentSucceeded(SessionInfo),
     AsyncPaymentFailed(SessionInfo),
     CheckoutExpired(SessionInfo),
+    InvoicePaid(InvoiceInfo),
+    /// `customer.subscription.created` or `.updated`.
+    SubscriptionChanged(SubscriptionInfo),
+    SubscriptionDeleted(SubscriptionInfo),
     /// `amount_refunded` is cumulative over the charge's refunds.
     ChargeRefunded {
         payment_intent: Option<String>,
+        invoice: Option<String>,
         amount_refunded: i64,
     },
     DisputeClosed {
@@ -35,9 +86,6 @@ pub enum Event {
         payment_intent: Option<String>,
         status: String,
     },
-    /// A type the service handles but whose capability is not built yet
-    /// (subscriptions): answered 503 so that Stripe delivers it again.
-    NotYet(String),
     /// Any other type: acknowledged and ignored.
     Other(String),
 }
@@ -47,6 +95,8 @@ pub enum Event {
 pub struct Envelope {
     pub id: String,
     pub kind: String,
+    /// When Stripe made the event (Unix seconds; 0 when absent).
+    pub created: i64,
     pub event: Event,
 }
 
@@ -57,6 +107,100 @@ fn text(v: &Value, key: &str) -> Option<String> {
         Some(Value::Object(o)) => o.get("id").and_then(Value::as_str).map(str::to_owned),
         _ => None,
     }
+}
+
+fn int(v: &Value, key: &str) -> Option<i64> {
+    v.get(key).and_then(Value::as_i64)
+}
+
+/// `v.data[0]`, for Stripe's lists.
+fn first(list: Option<&Value>) -> Option<&Value> {
+    list?.get("data")?.as_array()?.first()
+}
+
+fn metadata(v: Option<&Value>) -> Metadata {
+    let Some(m) = v else {
+        return Metadata::default();
+    };
+    Metadata {
+        org: text(m, "org_id"),
+        plan: text(m, "plan_id"),
+        order: text(m, "order_id"),
+    }
+}
+
+/// Reads a subscription object.
+pub fn subscription(object: &Value) -> Result<SubscriptionInfo, Error> {
+    let id = text(object, "id").ok_or_else(|| Error::invalid("data.object.id", "missing"))?;
+    let item = first(object.get("items"));
+    let price = item.and_then(|i| i.get("price"));
+    let period_of = |v: &Value| {
+        Some((
+            int(v, "current_period_start")?,
+            int(v, "current_period_end")?,
+        ))
+    };
+    Ok(SubscriptionInfo {
+        id,
+        status: text(object, "status").unwrap_or_default(),
+        customer: text(object, "customer"),
+        metadata: metadata(object.get("metadata")),
+        price: price.and_then(|p| text(p, "id")),
+        interval: price
+            .and_then(|p| p.get("recurring"))
+            .and_then(|r| text(r, "interval")),
+        period: item.and_then(period_of).or_else(|| period_of(object)),
+        cancel_at_period_end: object
+            .get("cancel_at_period_end")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    })
+}
+
+fn invoice(object: &Value) -> Result<InvoiceInfo, Error> {
+    let id = text(object, "id").ok_or_else(|| Error::invalid("data.object.id", "missing"))?;
+    let details = object
+        .get("parent")
+        .and_then(|p| p.get("subscription_details"))
+        .or_else(|| object.get("subscription_details"));
+    // The line of the subscription's price, else the first line.
+    let lines = object
+        .get("lines")
+        .and_then(|l| l.get("data"))
+        .and_then(Value::as_array);
+    let line_price = |l: &Value| {
+        l.get("price").and_then(|p| text(p, "id")).or_else(|| {
+            l.get("pricing")
+                .and_then(|p| p.get("price_details"))
+                .and_then(|d| text(d, "price"))
+        })
+    };
+    let line = lines.and_then(|ls| {
+        ls.iter()
+            .find(|l| line_price(l).is_some())
+            .or_else(|| ls.first())
+    });
+    let payment_intent = text(object, "payment_intent").or_else(|| {
+        first(object.get("payments"))
+            .and_then(|p| p.get("payment"))
+            .and_then(|p| text(p, "payment_intent"))
+    });
+    Ok(InvoiceInfo {
+        id,
+        subscription: details
+            .and_then(|d| text(d, "subscription"))
+            .or_else(|| text(object, "subscription")),
+        customer: text(object, "customer"),
+        metadata: metadata(details.and_then(|d| d.get("metadata"))),
+        payment_intent,
+        amount_paid: int(object, "amount_paid").unwrap_or(0),
+        currency: text(object, "currency").unwrap_or_default(),
+        price: line.and_then(line_price),
+        period: line
+            .and_then(|l| l.get("period"))
+            .and_then(|p| Some((int(p, "start")?, int(p, "end")?))),
+        billing_reason: text(object, "billing_reason"),
+    })
 }
 
 fn session(object: &Value) -> Result<SessionInfo, Error> {
@@ -70,6 +214,8 @@ fn session(object: &Value) -> Result<SessionInfo, Error> {
         order_id,
         payment_status: text(object, "payment_status").unwrap_or_default(),
         payment_intent: text(object, "payment_intent"),
+        mode: text(object, "mode").unwrap_or_else(|| "payment".into()),
+        subscription: text(object, "subscription"),
     })
 }
 
@@ -91,8 +237,14 @@ pub fn parse(body: &[u8]) -> Result<Envelope, Error> {
         }
         "checkout.session.async_payment_failed" => Event::AsyncPaymentFailed(session(&object)?),
         "checkout.session.expired" => Event::CheckoutExpired(session(&object)?),
+        "invoice.paid" => Event::InvoicePaid(invoice(&object)?),
+        "customer.subscription.created" | "customer.subscription.updated" => {
+            Event::SubscriptionChanged(subscription(&object)?)
+        }
+        "customer.subscription.deleted" => Event::SubscriptionDeleted(subscription(&object)?),
         "charge.refunded" => Event::ChargeRefunded {
             payment_intent: text(&object, "payment_intent"),
+            invoice: text(&object, "invoice"),
             amount_refunded: object
                 .get("amount_refunded")
                 .and_then(Value::as_i64)
@@ -103,13 +255,15 @@ pub fn parse(body: &[u8]) -> Result<Envelope, Error> {
             payment_intent: text(&object, "payment_intent"),
             status: text(&object, "status").unwrap_or_default(),
         },
-        "invoice.paid"
-        | "customer.subscription.created"
-        | "customer.subscription.updated"
-        | "customer.subscription.deleted" => Event::NotYet(kind.clone()),
         _ => Event::Other(kind.clone()),
     };
-    Ok(Envelope { id, kind, event })
+    let created = int(&v, "created").unwrap_or(0);
+    Ok(Envelope {
+        id,
+        kind,
+        created,
+        event,
+    })
 }
 
 #[cfg(test)]
@@ -138,8 +292,56 @@ mod tests {
                 order_id: Some("ord_1".into()),
                 payment_status: "paid".into(),
                 payment_intent: Some("pi_1".into()),
+                mode: "payment".into(),
+                subscription: None,
             })
         );
+        Ok(())
+    }
+
+    #[test]
+    fn invoices_and_subscriptions_read_old_and_new_api_shapes() -> Result<(), Error> {
+        // Newer API: subscription under `parent`, periods on the items.
+        let new = parse(&body(json!({
+            "id": "evt_4", "type": "invoice.paid", "created": 1_700_000_000,
+            "data": {"object": {"id": "in_1", "amount_paid": 999, "currency": "usd",
+                "billing_reason": "subscription_cycle",
+                "parent": {"subscription_details": {"subscription": "sub_1",
+                    "metadata": {"org_id": "acme", "plan_id": "plan_pro"}}},
+                "payments": {"data": [{"payment": {"payment_intent": "pi_9"}}]},
+                "lines": {"data": [{"period": {"start": 10, "end": 20},
+                    "pricing": {"price_details": {"price": "price_pro_m"}}}]}}}
+        })))?;
+        let Event::InvoicePaid(inv) = new.event else {
+            panic!("not an invoice: {:?}", new.event);
+        };
+        assert_eq!(new.created, 1_700_000_000);
+        assert_eq!(inv.subscription.as_deref(), Some("sub_1"));
+        assert_eq!(inv.metadata.org.as_deref(), Some("acme"));
+        assert_eq!(inv.payment_intent.as_deref(), Some("pi_9"));
+        assert_eq!(inv.price.as_deref(), Some("price_pro_m"));
+        assert_eq!(inv.period, Some((10, 20)));
+        // Older API: top-level fields.
+        let old = parse(&body(json!({
+            "id": "evt_5", "type": "invoice.paid",
+            "data": {"object": {"id": "in_2", "subscription": "sub_2", "payment_intent": "pi_2"}}
+        })))?;
+        let Event::InvoicePaid(inv) = old.event else {
+            panic!("not an invoice: {:?}", old.event);
+        };
+        assert_eq!(inv.subscription.as_deref(), Some("sub_2"));
+        assert_eq!(inv.payment_intent.as_deref(), Some("pi_2"));
+        assert_eq!(inv.period, None);
+
+        let sub = subscription(&json!({"id": "sub_3", "status": "active",
+            "current_period_start": 1, "current_period_end": 2,
+            "items": {"data": [{"price": {"id": "price_x", "recurring": {"interval": "year"}},
+                "current_period_start": 5, "current_period_end": 6}]}}))?;
+        assert_eq!(sub.period, Some((5, 6)));
+        assert_eq!(sub.interval.as_deref(), Some("year"));
+        let top = subscription(&json!({"id": "sub_4", "current_period_start": 1,
+            "current_period_end": 2, "items": {"data": [{"price": {"id": "p"}}]}}))?;
+        assert_eq!(top.period, Some((1, 2)));
         Ok(())
     }
 
