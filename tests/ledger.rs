@@ -1227,6 +1227,12 @@ async fn payment_seams_settle_void_and_take_back_exactly_once() -> R {
         let g = ledger.grant(pending("o1", Vec::new())).await?;
         assert_eq!((g.transaction_id.as_str(), g.duplicate), ("", false));
         assert!(ledger.grant(pending("o1", Vec::new())).await?.duplicate);
+        // A later grant of the same source saying something else (another
+        // amount or expiry, read at another moment) is a duplicate too.
+        let mut other = pending("o1", Vec::new());
+        other.amount = 7 * CREDIT;
+        other.expires_at = Some(Utc::now());
+        assert!(ledger.grant(other).await?.duplicate);
         let mut c = Clients::new(&t).await;
         assert_eq!(c.balance(&t, org).await.stored_micros, 0);
 

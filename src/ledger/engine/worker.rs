@@ -303,16 +303,15 @@ impl Worker {
             }
             Op::Grant(ref i) => {
                 let org_id = org(&i.org)?;
+                // A source grants once whatever the later deliveries say
+                // (two events about one invoice may read the plan or the
+                // period at different moments): the first grant stands and
+                // the fingerprint is the source alone.
                 let idem = i.source_id.as_ref().map(|source_id| IdemKey {
                     org_id,
                     method: "grant",
                     key: format!("{}:{source_id}", i.source_type),
-                    hash: request_hash(&[
-                        i.entry_kind,
-                        i.lot_kind.as_str(),
-                        &i.amount.to_string(),
-                        &i.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                    ]),
+                    hash: request_hash(&[&i.source_type, source_id]),
                 });
                 let cost = i.amount;
                 Ok(Prepared {
