@@ -208,24 +208,32 @@ impl Shop {
         self.deliver_on(0, body).await
     }
 
-    /// A Creem event of `kind` about `object`, signed as Creem signs, delivered once.
-    async fn send_creem(&self, kind: &str, object: Value) -> u16 {
+    /// A new Creem event of `kind` about `object` (a fresh id each time).
+    fn creem_event(&self, kind: &str, object: Value) -> Vec<u8> {
         let n = self
             .events
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let body = serde_json::to_vec(&json!({
+        serde_json::to_vec(&json!({
             "id": format!("evt_creem_{n}"), "eventType": kind,
             "created_at": self.clock.now().timestamp_millis(), "object": object,
         }))
-        .unwrap();
-        self.deliver_creem(&body).await
+        .unwrap()
+    }
+
+    /// A Creem event of `kind` about `object`, signed as Creem signs, delivered once.
+    async fn send_creem(&self, kind: &str, object: Value) -> u16 {
+        self.deliver_creem(&self.creem_event(kind, object)).await
     }
 
     async fn deliver_creem(&self, body: &[u8]) -> u16 {
+        self.deliver_creem_on(0, body).await
+    }
+
+    async fn deliver_creem_on(&self, i: usize, body: &[u8]) -> u16 {
         let r = self
             .t
             .http
-            .post(self.t.rest("/payment/webhook/creem"))
+            .post(self.rest_on(i, "/payment/webhook/creem"))
             .header("creem-signature", creem_signature::sign(CREEM_WHSEC, body))
             .header("content-type", "application/json")
             .body(body.to_vec())
@@ -1292,5 +1300,165 @@ async fn a_creem_subscription_lives_its_whole_life() -> R {
         invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
         shop.close().await;
     }
+    Ok(())
+}
+
+/// Where a delivery goes: which provider's webhook, on which replica.
+#[derive(Clone, Copy)]
+enum Hook {
+    Stripe(usize),
+    Creem(usize),
+}
+
+impl Shop {
+    /// Delivers every body at once; those answered 503 (the event refers
+    /// to something another delivery is still recording) come again, as
+    /// providers retry, until each has been answered 200.
+    async fn deliver_all(&self, mut pending: Vec<(Hook, &[u8])>) {
+        for _round in 0..10 {
+            let statuses = futures::future::join_all(pending.iter().map(|(hook, body)| async {
+                match *hook {
+                    Hook::Stripe(i) => self.deliver_on(i, body).await,
+                    Hook::Creem(i) => self.deliver_creem_on(i, body).await,
+                }
+            }))
+            .await;
+            assert!(
+                statuses.iter().all(|s| *s == 200 || *s == 503),
+                "{statuses:?}"
+            );
+            pending = pending
+                .into_iter()
+                .zip(statuses)
+                .filter(|(_, s)| *s != 200)
+                .map(|(d, _)| d)
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+        }
+        panic!("{} deliveries still refused after 10 rounds", pending.len());
+    }
+}
+
+/// Every subscription event four times, shuffled, all at once, to two
+/// replicas on one PostgreSQL: each invoice grants once, the checkout's
+/// order is paid once, and Creem's first payment (two events) grants once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscription_events_race_across_replicas() -> R {
+    if !backends().contains(&Backend::Postgres) {
+        return Ok(());
+    }
+    use rand::{SeedableRng, seq::SliceRandom};
+    let shop = Shop::open_with(Backend::Postgres, 2, &[]).await;
+    let checkout = |channel: &str| {
+        json!({"channel": channel, "type": "subscription", "plan_id": "sub-pro",
+        "success_url": "https://app.test/ok", "cancel_url": "https://app.test/no"})
+    };
+
+    // Stripe: the first invoice (its subscription unknown, retrieved), the
+    // checkout, the subscription's creation and update, and a renewal.
+    let org = "stripe-racer";
+    let (status, body) = shop
+        .post(org, "/payment/create-session", checkout("stripe"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let order = body["data"]["order_id"].as_str().unwrap().to_owned();
+    let t0 = shop.clock.now();
+    let p1 = (ts(t0), ts(t0 + TimeDelta::days(30)));
+    let p2 = (p1.1, p1.1 + 30 * 86_400);
+    shop.stripe
+        .put_subscription(stripe_sub("sub_1", org, "active", "price_pro_m", p1));
+    let mut completed = session(&order, org, "paid", "");
+    completed["mode"] = json!("subscription");
+    completed["payment_intent"] = Value::Null;
+    completed["subscription"] = json!("sub_1");
+    let stripe_events = [
+        shop.event(
+            "invoice.paid",
+            stripe_invoice(
+                "in_1",
+                org,
+                Some(&order),
+                "pi_1",
+                "price_pro_m",
+                None,
+                "subscription_create",
+            ),
+        ),
+        shop.event("checkout.session.completed", completed),
+        shop.event(
+            "customer.subscription.created",
+            stripe_sub("sub_1", org, "active", "price_pro_m", p1),
+        ),
+        shop.event(
+            "invoice.paid",
+            stripe_invoice(
+                "in_2",
+                org,
+                Some(&order),
+                "pi_2",
+                "price_pro_m",
+                Some(p2),
+                "subscription_cycle",
+            ),
+        ),
+    ];
+
+    // Creem: its first payment as subscription.paid and checkout.completed.
+    shop.price_plan("sub-pro", None, Some("prod_pro")).await;
+    let buyer = "creem-racer";
+    let (status, body) = shop
+        .post(buyer, "/payment/create-session", checkout("creem"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let creem_order = body["data"]["order_id"].as_str().unwrap().to_owned();
+    let period = (t0, t0 + TimeDelta::days(30));
+    let creem_events = [
+        shop.creem_event(
+            "subscription.paid",
+            creem_sub(buyer, &creem_order, "active", period, "tran_1"),
+        ),
+        shop.creem_event(
+            "checkout.completed",
+            json!({
+                "id": "ch_creem_1", "object": "checkout", "status": "completed",
+                "request_id": creem_order,
+                "order": {"id": "o_creem_1", "amount": 999, "currency": "USD", "transaction": "tran_1"},
+                "product": {"id": "prod_pro"}, "customer": {"id": "cust_creem_1"},
+                "subscription": creem_sub(buyer, &creem_order, "active", period, "tran_1"),
+                "metadata": {"order_id": creem_order, "org_id": buyer},
+            }),
+        ),
+    ];
+
+    let mut deliveries: Vec<(Hook, &[u8])> = Vec::new();
+    for copy in 0..4 {
+        for (k, e) in stripe_events.iter().enumerate() {
+            deliveries.push((Hook::Stripe(k + copy), e));
+        }
+        for (k, e) in creem_events.iter().enumerate() {
+            deliveries.push((Hook::Creem(k + copy), e));
+        }
+    }
+    deliveries.shuffle(&mut rand::rngs::StdRng::seed_from_u64(11));
+    shop.deliver_all(deliveries).await;
+
+    assert_eq!(shop.stored(org).await, 20_000.0, "two invoices, two grants");
+    assert_eq!(shop.plan_of(org).await, ("SUB_PRO".into(), true));
+    let (_, body) = shop.get(org, &format!("/orders/{order}")).await;
+    assert_eq!(body["data"]["status"], "paid");
+    let (_, list) = shop.get(org, "/orders").await;
+    assert_eq!(list["pagination"]["total"], 2, "one order per invoice");
+    assert_eq!(shop.stored(buyer).await, 10_000.0, "one first payment");
+    assert_eq!(shop.plan_of(buyer).await, ("SUB_PRO".into(), true));
+    let (_, body) = shop.get(buyer, &format!("/orders/{creem_order}")).await;
+    assert_eq!(body["data"]["status"], "paid");
+
+    let rows = invariants::rows_by_org(&shop.t.server.state.db).await;
+    let grants = |o: &str| rows[o].iter().filter(|r| r.kind == "grant").count();
+    assert_eq!((grants(org), grants(buyer)), (2, 1));
+    invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+    shop.close().await;
     Ok(())
 }
