@@ -5,9 +5,11 @@
 //! which translates every route into a gRPC call. [`server::start`] binds what
 //! it is given, so tests run the whole service on `127.0.0.1:0`.
 
+pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod catalog;
+pub mod checkin;
 pub mod clock;
 pub mod config;
 pub mod db;

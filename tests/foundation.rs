@@ -559,17 +559,11 @@ async fn rest_envelope_fallbacks_and_pending_routes() -> R {
     );
 
     // A route whose capability is not built yet: authenticated first, then 501.
-    let (status, _) = rest_error(t.http.post(t.rest("/checkin")).send().await?).await?;
+    let coupons = t.rest("/admin/billing/coupons");
+    let (status, _) = rest_error(t.http.get(&coupons).send().await?).await?;
     assert_eq!(status, 401);
-    let user = t.token(Role::User, "org-a");
-    let (status, body) = rest_error(
-        t.http
-            .post(t.rest("/checkin"))
-            .bearer_auth(&user)
-            .send()
-            .await?,
-    )
-    .await?;
+    let admin = t.token(Role::Admin, "ops");
+    let (status, body) = rest_error(t.http.get(&coupons).bearer_auth(&admin).send().await?).await?;
     assert_eq!(
         (status, body["error_code"].as_str()),
         (501, Some("NOT_IMPLEMENTED"))
@@ -625,6 +619,8 @@ async fn openapi_documents_every_contract_route() -> R {
         ("post", "/admin/credits/manual"),
         ("get", "/admin/checkin/config"),
         ("put", "/admin/checkin/config"),
+        ("get", "/checkin/status"),
+        ("get", "/admin/audit"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

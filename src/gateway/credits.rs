@@ -17,7 +17,7 @@ use tonic::Status;
 use super::{ApiError, ApiResult, Gateway, JsonBody, Num, Pagination, envelope, grpc_request};
 use crate::{domain::parse_credits, error::Error, pb};
 
-type Params = Query<HashMap<String, String>>;
+pub(super) type Params = Query<HashMap<String, String>>;
 
 /// An optional integer query parameter, named in the error if malformed.
 fn int_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i32>, ApiError> {
@@ -30,7 +30,7 @@ fn int_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i32>
     }
 }
 
-fn text_param(params: &HashMap<String, String>, name: &str) -> Option<String> {
+pub(super) fn text_param(params: &HashMap<String, String>, name: &str) -> Option<String> {
     params
         .get(name)
         .map(|v| v.trim().to_owned())
@@ -313,7 +313,7 @@ struct ManualJson {
 }
 
 /// A JSON number of credits, exactly (no floating point).
-fn credits_field(field: &str, raw: &RawValue) -> Result<i64, ApiError> {
+pub(super) fn credits_field(field: &str, raw: &RawValue) -> Result<i64, ApiError> {
     let text = raw.get().trim();
     if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         return Err(Error::invalid(field, "must be a number of credits").into());

@@ -7,6 +7,8 @@
 //! One table ([`routes`]) drives both the axum router and `/openapi.json`, so
 //! the document cannot drift from what is served.
 
+mod admin;
+mod checkin;
 mod credits;
 mod envelope;
 mod openapi;
@@ -496,10 +498,17 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
         ),
         (
             doc("POST", "/checkin", "Daily check-in", User, "Check-in"),
-            pending::<CheckinRequest, CheckinResponse>(
-                Method::POST,
-                "/billing.v1.CheckinService/Checkin",
+            post(checkin::checkin),
+        ),
+        (
+            doc(
+                "GET",
+                "/checkin/status",
+                "Whether the caller has checked in today, and the streak",
+                User,
+                "Check-in",
             ),
+            get(checkin::status),
         ),
         (
             doc(
@@ -633,10 +642,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             ),
-            pending::<GetCheckinConfigRequest, CheckinConfig>(
-                Method::GET,
-                "/billing.v1.AdminService/GetCheckinConfig",
-            ),
+            get(checkin::get_config),
         ),
         (
             doc(
@@ -647,10 +653,19 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Admin",
             )
             .body("CheckinConfigBody"),
-            pending::<CheckinConfig, CheckinConfig>(
-                Method::PUT,
-                "/billing.v1.AdminService/UpdateCheckinConfig",
-            ),
+            axum::routing::put(checkin::put_config),
+        ),
+        (
+            doc(
+                "GET",
+                "/admin/audit",
+                "The audit log of admin writes, newest first",
+                Admin,
+                "Admin",
+            )
+            .query(&["limit", "offset", "org_id", "action"])
+            .list(),
+            get(admin::audit),
         ),
         (
             doc("GET", "/healthz", "Liveness", Public, "Operations").raw_response(),

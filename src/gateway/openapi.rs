@@ -113,6 +113,10 @@ fn query_param(name: &str) -> Value {
             json!({"type": "string", "maxLength": 255}),
             "Only this organization",
         ),
+        "action" => (
+            json!({"type": "string", "maxLength": 64}),
+            "Only entries of this action (plan.create, coupon.create, checkin_config.update, manual_adjust, ...)",
+        ),
         _ => (json!({"type": "string"}), ""),
     };
     json!({ "name": name, "in": "query", "required": false, "schema": schema, "description": description })
@@ -196,6 +200,7 @@ fn operation(doc: &RouteDoc) -> Value {
 
 fn schemas() -> Value {
     let credits = json!({ "type": "number", "description": "Credits, up to 6 decimals" });
+    let credits_at_least_0 = json!({ "type": "number", "minimum": 0, "maximum": 1_000_000_000_000_i64, "description": "Credits, up to 6 decimals" });
     json!({
         "Error": {
             "type": "object",
@@ -316,8 +321,8 @@ fn schemas() -> Value {
             "type": "object",
             "required": ["enabled", "credits_per_day", "lot_expiry_days"],
             "properties": {
-                "enabled": { "type": "boolean" }, "credits_per_day": credits,
-                "lot_expiry_days": { "type": "integer", "minimum": 1 }, "streak_bonus": credits
+                "enabled": { "type": "boolean" }, "credits_per_day": credits_at_least_0.clone(),
+                "lot_expiry_days": { "type": "integer", "minimum": 1, "maximum": 3650 }, "streak_bonus": credits_at_least_0
             }
         }
     })

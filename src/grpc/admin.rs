@@ -4,8 +4,9 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, input, not_yet};
 use crate::{
+    audit,
     auth::caller,
-    catalog,
+    catalog, checkin,
     domain::MICROS_PER_CREDIT,
     error::Error,
     ledger::{AdjustInput, model::MAX_MICROS, reads},
@@ -151,13 +152,55 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         _request: Request<pb::GetCheckinConfigRequest>,
     ) -> Result<Response<pb::CheckinConfig>, Status> {
-        not_yet!("AdminService.GetCheckinConfig")
+        let c = checkin::config(&self.state.db).await?;
+        Ok(Response::new(checkin_config(c)))
     }
 
     async fn update_checkin_config(
         &self,
-        _request: Request<pb::CheckinConfig>,
+        request: Request<pb::CheckinConfig>,
     ) -> Result<Response<pb::CheckinConfig>, Status> {
-        not_yet!("AdminService.UpdateCheckinConfig")
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let new = checkin::Config {
+            enabled: r.enabled,
+            credits_per_day_micros: r.credits_per_day_micros,
+            lot_expiry_days: r.lot_expiry_days,
+            streak_bonus_micros: r.streak_bonus_micros,
+        };
+        let c = checkin::update_config(&self.state, &actor, new).await?;
+        Ok(Response::new(checkin_config(c)))
+    }
+
+    async fn list_audit_entries(
+        &self,
+        request: Request<pb::ListAuditEntriesRequest>,
+    ) -> Result<Response<pb::ListAuditEntriesResponse>, Status> {
+        let r = request.into_inner();
+        let (limit, offset) = input::page(r.page.as_ref())?;
+        let org = input::optional("org_id", r.org_id.as_deref(), input::MAX_ID)?;
+        let action = input::optional("action", r.action.as_deref(), 64)?;
+        let (rows, total) = audit::list(
+            &self.state.db,
+            org.as_deref(),
+            action.as_deref(),
+            limit,
+            offset,
+        )
+        .await?;
+        let page = convert::page_info(limit, offset, rows.len(), total);
+        Ok(Response::new(pb::ListAuditEntriesResponse {
+            entries: rows.into_iter().map(convert::audit_entry).collect(),
+            page: Some(page),
+        }))
+    }
+}
+
+fn checkin_config(c: checkin::Config) -> pb::CheckinConfig {
+    pb::CheckinConfig {
+        enabled: c.enabled,
+        credits_per_day_micros: c.credits_per_day_micros,
+        lot_expiry_days: c.lot_expiry_days,
+        streak_bonus_micros: c.streak_bonus_micros,
     }
 }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     catalog::plan_features,
-    entities::{order, pack, plan, rate},
+    entities::{admin_audit, order, pack, plan, rate},
     ledger::reads::TransactionRow,
     pb,
 };
@@ -95,5 +95,26 @@ pub fn order(o: order::Model, org: &str) -> pb::Order {
         created_at: Some(timestamp(o.created_at)),
         paid_at: o.paid_at.map(timestamp),
         org_id: org.to_owned(),
+    }
+}
+
+/// An audit entry; its details are `{target, before, after}` JSON.
+pub fn audit_entry(a: admin_audit::Model) -> pb::AuditEntry {
+    let details: serde_json::Value = serde_json::from_str(&a.details).unwrap_or_default();
+    let text = |key: &str| details.get(key).cloned().unwrap_or_default().to_string();
+    pb::AuditEntry {
+        id: a.id,
+        actor: a.actor_sub,
+        action: a.action,
+        org_id: a.target_org,
+        target: details
+            .get("target")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        reason: a.reason,
+        before_json: text("before"),
+        after_json: text("after"),
+        created_at: Some(timestamp(a.created_at)),
     }
 }

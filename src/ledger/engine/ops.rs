@@ -186,10 +186,14 @@ pub(super) fn apply_one(
                 target_org: Set(Some(i.org.clone())),
                 reason: Set(i.reason.clone()),
                 details: Set(serde_json::json!({
-                    "amount_micros": i.amount,
-                    "transaction_id": transaction_id,
-                    "expires_at": i.expires_at,
-                    "idempotency_key": i.key,
+                    "target": i.org,
+                    "before": null,
+                    "after": {
+                        "amount_micros": i.amount,
+                        "transaction_id": transaction_id,
+                        "expires_at": i.expires_at,
+                        "idempotency_key": i.key,
+                    },
                 })
                 .to_string()),
                 created_at: Set(now),

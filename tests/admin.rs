@@ -1,0 +1,385 @@
+//! Daily check-in, its configuration, and the admin API (plans, coupons,
+//! packs, rates, audit) over REST and gRPC, on SQLite and PostgreSQL.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a failed step of a test should panic there"
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use billing::{
+    auth::Role,
+    clock::{Clock, ManualClock},
+    pb,
+};
+use chrono::{DateTime, TimeDelta, Utc};
+use common::{Backend, TestServer, authed, backends, invariants, json_of, reason};
+use serde_json::{Value, json};
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+/// A server whose clock the test moves, and REST calls as a user or admin.
+struct Desk {
+    t: TestServer,
+    replicas: Vec<billing::RunningServer>,
+    clock: ManualClock,
+}
+
+/// A minute before a UTC midnight later than now (so tokens issued now
+/// are already valid at the clock's time).
+fn before_midnight() -> DateTime<Utc> {
+    let tomorrow = Utc::now().date_naive() + TimeDelta::days(1);
+    tomorrow.and_hms_opt(23, 59, 0).unwrap().and_utc()
+}
+
+impl Desk {
+    async fn open(backend: Backend, replicas: usize) -> Self {
+        let clock = ManualClock::new(before_midnight());
+        let t = TestServer::start_with(backend, &[], Arc::new(clock.clone())).await;
+        let mut others = Vec::new();
+        for _ in 1..replicas {
+            others.push(common::start_on(&t.db.url, &[], Arc::new(clock.clone())).await);
+        }
+        Self {
+            t,
+            replicas: others,
+            clock,
+        }
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        match i % (self.replicas.len() + 1) {
+            0 => self.t.rest(path),
+            n => format!("http://{}{path}", self.replicas[n - 1].http_addr),
+        }
+    }
+
+    fn user(&self, org: &str, user: &str) -> String {
+        let now = self.clock.now().timestamp();
+        self.t.keys.issue(user, org, Role::User, now, 3600)
+    }
+
+    fn admin(&self) -> String {
+        let now = self.clock.now().timestamp();
+        self.t.keys.issue("ops-1", "ops", Role::Admin, now, 3600)
+    }
+
+    async fn call(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self
+            .t
+            .http
+            .request(method, self.url(i, path))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            r = r.json(&body);
+        }
+        json_of(r.send().await.unwrap()).await.unwrap()
+    }
+
+    async fn check_in_on(&self, i: usize, org: &str, user: &str) -> (u16, Value) {
+        let token = self.user(org, user);
+        self.call(i, reqwest::Method::POST, "/checkin", &token, None)
+            .await
+    }
+
+    async fn check_in(&self, org: &str, user: &str) -> (u16, Value) {
+        self.check_in_on(0, org, user).await
+    }
+
+    async fn admin_get(&self, path: &str) -> (u16, Value) {
+        self.call(0, reqwest::Method::GET, path, &self.admin(), None)
+            .await
+    }
+
+    async fn admin_send(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        self.call(0, method, path, &self.admin(), Some(body)).await
+    }
+
+    async fn audit_count(&self) -> i64 {
+        let (_, body) = self.admin_get("/admin/audit").await;
+        body["pagination"]["total"].as_i64().unwrap()
+    }
+
+    async fn close(self) {
+        for r in self.replicas {
+            r.shutdown().await.unwrap();
+        }
+        self.t.stop().await;
+    }
+}
+
+fn code(body: &Value) -> &str {
+    body["error_code"].as_str().unwrap_or_default()
+}
+
+/// One award per user per UTC day, streaks across midnights, the bonus
+/// from the configuration, disabled check-in, and the status read.
+#[tokio::test]
+async fn checkin_awards_once_a_day_and_counts_streaks_across_midnight() -> R {
+    for backend in backends() {
+        let desk = Desk::open(backend, 1).await;
+        let org = "morning-org";
+        let midnight = desk.clock.now() + TimeDelta::minutes(1);
+
+        let (status, body) = desk.check_in(org, "ann").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["credits_awarded"], 5);
+        assert_eq!(body["data"]["streak"], 1);
+        assert_eq!(body["data"]["balance"], 5);
+        assert_eq!(
+            body["data"]["next_checkin_at"].as_str().unwrap(),
+            midnight.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+        let (status, body) = desk.check_in(org, "ann").await;
+        assert_eq!((status, code(&body)), (409, "ALREADY_CHECKED_IN"));
+        // Another user of the same organization has a day of their own.
+        let (status, body) = desk.check_in(org, "bob").await;
+        assert_eq!((status, body["data"]["balance"].clone()), (200, json!(10)));
+
+        // Over gRPC: the status, and the same refusal.
+        let mut checkin =
+            pb::checkin_service_client::CheckinServiceClient::new(desk.t.channel().await);
+        let token = desk.user(org, "ann");
+        let s = checkin
+            .get_checkin_status(authed(&token, pb::GetCheckinStatusRequest {}))
+            .await?
+            .into_inner();
+        assert_eq!((s.enabled, s.checked_in_today, s.streak), (true, true, 1));
+        let err = checkin
+            .checkin(authed(&token, pb::CheckinRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (tonic::Code::AlreadyExists, "ALREADY_CHECKED_IN")
+        );
+
+        // A streak bonus, then midnight: day 2 of the streak.
+        let (status, body) = desk
+            .admin_send(
+                reqwest::Method::PUT,
+                "/admin/checkin/config",
+                json!({"enabled": true, "credits_per_day": 5, "lot_expiry_days": 30, "streak_bonus": 2.5}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["streak_bonus"], 2.5);
+        desk.clock.set(midnight);
+        let (status, body) = desk.check_in(org, "ann").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["streak"], 2);
+        assert_eq!(body["data"]["credits_awarded"], 7.5);
+        assert_eq!(body["data"]["balance"], 17.5);
+
+        // A missed day starts the streak over.
+        desk.clock.advance(TimeDelta::days(2));
+        let (_, body) = desk.check_in(org, "ann").await;
+        assert_eq!(
+            (
+                body["data"]["streak"].clone(),
+                body["data"]["credits_awarded"].clone()
+            ),
+            (json!(1), json!(5))
+        );
+
+        // The ledger: checkin rows, lots expiring after lot_expiry_days.
+        let token = desk.user(org, "ann");
+        let (_, tx) = desk
+            .call(
+                0,
+                reqwest::Method::GET,
+                "/credits/transactions?type=checkin",
+                &token,
+                None,
+            )
+            .await;
+        assert_eq!(tx["pagination"]["total"], 4);
+        let (_, info) = desk
+            .call(0, reqwest::Method::GET, "/user/credits/info", &token, None)
+            .await;
+        let newest = info["breakdown"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["expiry_date"].as_i64().unwrap())
+            .max()
+            .unwrap();
+        assert_eq!(newest, (desk.clock.now() + TimeDelta::days(30)).timestamp());
+
+        // Off: CHECKIN_DISABLED, for the next check-in already.
+        desk.clock.advance(TimeDelta::days(1));
+        let (status, _) = desk
+            .admin_send(
+                reqwest::Method::PUT,
+                "/admin/checkin/config",
+                json!({"enabled": false, "credits_per_day": 5, "lot_expiry_days": 30}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let (status, body) = desk.check_in(org, "ann").await;
+        assert_eq!((status, code(&body)), (400, "CHECKIN_DISABLED"));
+
+        invariants::check(&desk.t.server.state.db, desk.clock.now()).await;
+        desk.close().await;
+    }
+    Ok(())
+}
+
+/// Bad configurations are 400 naming the field and change nothing; good
+/// ones are audited with the record before and after.
+#[tokio::test]
+async fn checkin_config_is_validated_and_audited() -> R {
+    for backend in backends() {
+        let desk = Desk::open(backend, 1).await;
+        let (status, before) = desk.admin_get("/admin/checkin/config").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            before["data"],
+            json!({"enabled": true, "credits_per_day": 5, "lot_expiry_days": 30, "streak_bonus": 0})
+        );
+        let audits = desk.audit_count().await;
+        let bad = [
+            (
+                json!({"enabled": true, "credits_per_day": -1, "lot_expiry_days": 30}),
+                "credits_per_day",
+            ),
+            (
+                json!({"enabled": true, "credits_per_day": "5", "lot_expiry_days": 30}),
+                "credits_per_day",
+            ),
+            (
+                json!({"enabled": true, "credits_per_day": 1e13, "lot_expiry_days": 30}),
+                "credits_per_day",
+            ),
+            (
+                json!({"enabled": true, "credits_per_day": 5, "lot_expiry_days": 0}),
+                "lot_expiry_days",
+            ),
+            (
+                json!({"enabled": true, "credits_per_day": 5, "lot_expiry_days": 3651}),
+                "lot_expiry_days",
+            ),
+            (
+                json!({"enabled": true, "credits_per_day": 5, "lot_expiry_days": 1.5}),
+                "lot_expiry_days",
+            ),
+            (
+                json!({"enabled": true, "credits_per_day": 5, "lot_expiry_days": 30, "streak_bonus": -2}),
+                "streak_bonus",
+            ),
+            (
+                json!({"enabled": "yes", "credits_per_day": 5, "lot_expiry_days": 30}),
+                "enabled",
+            ),
+            (
+                json!({"credits_per_day": 5, "lot_expiry_days": 30}),
+                "enabled",
+            ),
+            (json!({}), "enabled"),
+        ];
+        for (body, field) in bad {
+            let (status, answer) = desk
+                .admin_send(reqwest::Method::PUT, "/admin/checkin/config", body.clone())
+                .await;
+            assert_eq!((status, code(&answer)), (400, "INVALID_ARGUMENT"), "{body}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(field),
+                "{body} → {answer}"
+            );
+        }
+        let (_, now) = desk.admin_get("/admin/checkin/config").await;
+        assert_eq!(now["data"], before["data"], "nothing written");
+        assert_eq!(desk.audit_count().await, audits);
+
+        // A user may not change it; gRPC refuses the same bounds.
+        let token = desk.user("someone", "u");
+        let (status, _) = desk
+            .call(
+                0,
+                reqwest::Method::PUT,
+                "/admin/checkin/config",
+                &token,
+                Some(json!({"enabled": true, "credits_per_day": 5, "lot_expiry_days": 30})),
+            )
+            .await;
+        assert_eq!(status, 403);
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(desk.t.channel().await);
+        let err = admin
+            .update_checkin_config(authed(
+                &desk.admin(),
+                pb::CheckinConfig {
+                    enabled: true,
+                    credits_per_day_micros: 1,
+                    lot_expiry_days: 0,
+                    streak_bonus_micros: 0,
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("lot_expiry_days"), "{err:?}");
+
+        // A good one, audited.
+        let (status, _) = desk
+            .admin_send(
+                reqwest::Method::PUT,
+                "/admin/checkin/config",
+                json!({"enabled": true, "credits_per_day": 12.5, "lot_expiry_days": 7, "streak_bonus": 1}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let (_, log) = desk
+            .admin_get("/admin/audit?action=checkin_config.update")
+            .await;
+        assert_eq!(log["pagination"]["total"], 1);
+        let entry = &log["data"][0];
+        assert_eq!(entry["actor"], "ops-1");
+        assert_eq!(entry["before"]["credits_per_day_micros"], 5_000_000);
+        assert_eq!(entry["after"]["credits_per_day_micros"], 12_500_000);
+        assert_eq!(entry["after"]["lot_expiry_days"], 7);
+        let got = admin
+            .get_checkin_config(authed(&desk.admin(), pb::GetCheckinConfigRequest {}))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (got.credits_per_day_micros, got.lot_expiry_days),
+            (12_500_000, 7)
+        );
+        desk.close().await;
+    }
+    Ok(())
+}
+
+/// 20 concurrent check-ins of one user (across two replicas on
+/// PostgreSQL): one award, 19 ALREADY_CHECKED_IN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_checkins_award_once() -> R {
+    for backend in backends() {
+        let replicas = if backend == Backend::Postgres { 2 } else { 1 };
+        let desk = Desk::open(backend, replicas).await;
+        let org = "racing-org";
+        let answers =
+            futures::future::join_all((0..20).map(|i| desk.check_in_on(i, org, "racer"))).await;
+        let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+        let refused = answers
+            .iter()
+            .filter(|(s, b)| *s == 409 && code(b) == "ALREADY_CHECKED_IN")
+            .count();
+        assert_eq!((ok, refused), (1, 19), "{answers:?}");
+        let rows = invariants::rows_by_org(&desk.t.server.state.db).await;
+        assert_eq!(rows[org].iter().filter(|r| r.kind == "checkin").count(), 1);
+        invariants::check(&desk.t.server.state.db, desk.clock.now()).await;
+        desk.close().await;
+    }
+    Ok(())
+}
