@@ -383,3 +383,280 @@ async fn twenty_concurrent_checkins_award_once() -> R {
     }
     Ok(())
 }
+
+/// Plans: created and changed field by field with errors naming the field,
+/// codes unique whatever their case, inactive plans hidden from the public
+/// list yet kept for subscriptions, every write audited.
+#[tokio::test]
+async fn admin_plans_are_validated_partial_and_audited() -> R {
+    use billing::entities::subscription;
+    use reqwest::Method;
+    use sea_orm::{ActiveValue::Set, EntityTrait};
+    for backend in backends() {
+        let desk = Desk::open(backend, 1).await;
+        let plans_before = desk.admin_get("/admin/billing/plans").await.1["data"]
+            .as_array()
+            .unwrap()
+            .len();
+        let audits = desk.audit_count().await;
+
+        let bad = [
+            (json!({"name": "Team"}), "code"),
+            (json!({"code": "SUB_TEAM"}), "name"),
+            (json!({"code": "has space", "name": "Team"}), "code"),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "tier": -1}),
+                "tier",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "tier": "two"}),
+                "tier",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "price_monthly": -5}),
+                "price_monthly",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "price_yearly": 1e300}),
+                "price_yearly",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "price_yearly": 9_223_372_036_854_775_807_i64}),
+                "price_yearly",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "credits_included": 12.5}),
+                "credits_included",
+            ),
+            (json!({"code": "SUB_TEAM", "name": "x".repeat(256)}), "name"),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "currency": "dollars"}),
+                "currency",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "features": "all"}),
+                "features",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "active": "yes"}),
+                "active",
+            ),
+            (
+                json!({"code": "SUB_TEAM", "name": "Team", "creem_product_id": 7}),
+                "creem_product_id",
+            ),
+        ];
+        for (body, field) in bad {
+            let (status, answer) = desk
+                .admin_send(Method::POST, "/admin/billing/plans", body.clone())
+                .await;
+            assert_eq!((status, code(&answer)), (400, "INVALID_ARGUMENT"), "{body}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(field),
+                "{body} → {answer}"
+            );
+        }
+        let r = desk
+            .t
+            .http
+            .post(desk.t.rest("/admin/billing/plans"))
+            .bearer_auth(desk.admin())
+            .header("content-type", "application/json")
+            .body("")
+            .send()
+            .await?;
+        assert_eq!(r.status(), 400, "an empty body");
+        let (_, list) = desk.admin_get("/admin/billing/plans").await;
+        assert_eq!(list["data"].as_array().unwrap().len(), plans_before);
+        assert_eq!(desk.audit_count().await, audits, "nothing written");
+
+        // Created; the code is upper-cased and taken whatever the case.
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/billing/plans",
+                json!({"code": "sub_team", "name": "Team", "tier": 2, "price_monthly": 1999,
+                    "price_yearly": 19990, "credits_included": 20000, "features": ["Seats"],
+                    "creem_product_id": "prod_team"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let plan = body["data"].clone();
+        let id = plan["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            (
+                plan["code"].clone(),
+                plan["active"].clone(),
+                plan["currency"].clone()
+            ),
+            (json!("SUB_TEAM"), json!(true), json!("USD"))
+        );
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/billing/plans",
+                json!({"code": "Sub_Team", "name": "Again"}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (409, "PLAN_CODE_TAKEN"));
+        let public = desk
+            .t
+            .http
+            .get(desk.t.rest("/subscription/plans"))
+            .send()
+            .await?;
+        let (_, public) = json_of(public).await?;
+        assert!(
+            public["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["code"] == "SUB_TEAM")
+        );
+
+        // A partial update changes only what it names.
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                &format!("/admin/billing/plans/{id}"),
+                json!({"name": "Team+"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["name"], "Team+");
+        assert_eq!(body["data"]["price_monthly"], 1999);
+        assert_eq!(body["data"]["features"], json!(["Seats"]));
+        assert_eq!(body["data"]["creem_product_id"], "prod_team");
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                &format!("/admin/billing/plans/{id}"),
+                json!({"code": "sub_pro"}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (409, "PLAN_CODE_TAKEN"));
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                "/admin/billing/plans/plan-nope",
+                json!({"name": "X"}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (404, "PLAN_NOT_FOUND"));
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                &format!("/admin/billing/plans/{id}"),
+                json!({"tier": 101}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (400, "INVALID_ARGUMENT"));
+
+        // Inactive: gone from the public list, kept for its subscribers.
+        let org = "pro-subscriber";
+        let org_id = desk.t.server.state.ledger.ensure_org(org).await?;
+        let now = desk.clock.now();
+        subscription::Entity::insert(subscription::ActiveModel {
+            id: Set("sub_pro_1".into()),
+            org_id: Set(org_id),
+            plan_id: Set("sub-pro".into()),
+            status: Set("active".into()),
+            billing_period: Set("monthly".into()),
+            channel: Set("stripe".into()),
+            provider_subscription_id: Set(Some("sub_x".into())),
+            current_period_start: Set(Some(now - TimeDelta::days(1))),
+            current_period_end: Set(Some(now + TimeDelta::days(29))),
+            cancel_at_period_end: Set(false),
+            provider_updated_at: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .exec_without_returning(&desk.t.server.state.db)
+        .await?;
+        let (status, _) = desk
+            .admin_send(
+                Method::PUT,
+                "/admin/billing/plans/sub-pro",
+                json!({"active": false}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let public = desk
+            .t
+            .http
+            .get(desk.t.rest("/subscription/plans"))
+            .send()
+            .await?;
+        let (_, public) = json_of(public).await?;
+        assert!(
+            !public["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["code"] == "SUB_PRO")
+        );
+        let (_, admin_list) = desk.admin_get("/admin/billing/plans").await;
+        assert!(
+            admin_list["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["code"] == "SUB_PRO" && p["active"] == false)
+        );
+        let token = desk.user(org, "u1");
+        let (_, info) = desk
+            .call(0, Method::GET, "/user/credits/info", &token, None)
+            .await;
+        assert_eq!(info["active_subscription"]["id"], "SUB_PRO");
+
+        // Over gRPC: the same rules.
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(desk.t.channel().await);
+        let err = admin
+            .create_plan(authed(
+                &desk.admin(),
+                pb::CreatePlanRequest {
+                    code: "SUB_X".into(),
+                    name: "X".into(),
+                    price_monthly_cents: -1,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("price_monthly"), "{err:?}");
+        let updated = admin
+            .update_plan(authed(
+                &desk.admin(),
+                pb::UpdatePlanRequest {
+                    id: id.clone(),
+                    set_features: true,
+                    features: vec![],
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner()
+            .plan
+            .unwrap();
+        assert!(updated.features.is_empty());
+        assert_eq!(updated.name, "Team+");
+
+        // The audit: one creation and four changes, with before and after.
+        let (_, log) = desk
+            .admin_get("/admin/audit?action=plan.update&limit=100")
+            .await;
+        assert_eq!(log["pagination"]["total"], 3);
+        let (_, log) = desk.admin_get("/admin/audit?action=plan.create").await;
+        assert_eq!(log["pagination"]["total"], 1);
+        assert_eq!(log["data"][0]["before"], Value::Null);
+        assert_eq!(log["data"][0]["after"]["code"], "SUB_TEAM");
+        let (_, log) = desk
+            .admin_get("/admin/audit?action=plan.update&limit=1")
+            .await;
+        assert_eq!(log["data"][0]["before"]["features"], json!(["Seats"]));
+        assert_eq!(log["data"][0]["after"]["features"], json!([]));
+        desk.close().await;
+    }
+    Ok(())
+}

@@ -2,18 +2,96 @@
 //! the audit log (role `admin`).
 
 use axum::{
-    extract::{Query, State},
+    extract::{Path, Query, State},
     http::HeaderMap,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    ApiResult, Gateway,
+    AdminPlanJson, ApiResult, Gateway, JsonBody,
     credits::{self, Params},
     envelope, grpc_request,
 };
 use crate::pb;
+
+/// A plan's fields; prices are cents. On PUT only the fields given change
+/// (an empty provider id clears it).
+#[derive(Deserialize, Default)]
+pub struct PlanBody {
+    code: Option<String>,
+    name: Option<String>,
+    description: Option<String>,
+    tier: Option<i32>,
+    price_monthly: Option<i64>,
+    price_yearly: Option<i64>,
+    currency: Option<String>,
+    credits_included: Option<i64>,
+    features: Option<Vec<String>>,
+    active: Option<bool>,
+    stripe_price_monthly: Option<String>,
+    stripe_price_yearly: Option<String>,
+    creem_product_id: Option<String>,
+}
+
+pub async fn create_plan(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<PlanBody>,
+) -> ApiResult {
+    let request = pb::CreatePlanRequest {
+        code: b.code.unwrap_or_default(),
+        name: b.name.unwrap_or_default(),
+        description: b.description.unwrap_or_default(),
+        tier: b.tier.unwrap_or_default(),
+        price_monthly_cents: b.price_monthly.unwrap_or_default(),
+        price_yearly_cents: b.price_yearly.unwrap_or_default(),
+        currency: b.currency,
+        credits_included: b.credits_included.unwrap_or_default(),
+        features: b.features.unwrap_or_default(),
+        active: b.active,
+        stripe_price_monthly: b.stripe_price_monthly,
+        stripe_price_yearly: b.stripe_price_yearly,
+        creem_product_id: b.creem_product_id,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .create_plan(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.plan.map(AdminPlanJson::from)))
+}
+
+pub async fn update_plan(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PlanBody>,
+) -> ApiResult {
+    let request = pb::UpdatePlanRequest {
+        id,
+        code: b.code,
+        name: b.name,
+        description: b.description,
+        tier: b.tier,
+        price_monthly_cents: b.price_monthly,
+        price_yearly_cents: b.price_yearly,
+        currency: b.currency,
+        credits_included: b.credits_included,
+        set_features: b.features.is_some(),
+        features: b.features.unwrap_or_default(),
+        active: b.active,
+        stripe_price_monthly: b.stripe_price_monthly,
+        stripe_price_yearly: b.stripe_price_yearly,
+        creem_product_id: b.creem_product_id,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .update_plan(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.plan.map(AdminPlanJson::from)))
+}
 
 #[derive(Serialize)]
 struct AuditJson {

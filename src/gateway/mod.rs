@@ -564,10 +564,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Admin",
             )
             .body("PlanBody"),
-            pending::<CreatePlanRequest, PlanResponse>(
-                Method::POST,
-                "/billing.v1.AdminService/CreatePlan",
-            ),
+            post(admin::create_plan),
         ),
         (
             doc(
@@ -578,10 +575,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Admin",
             )
             .body("PlanBody"),
-            pending::<UpdatePlanRequest, PlanResponse>(
-                Method::PUT,
-                "/billing.v1.AdminService/UpdatePlan",
-            ),
+            axum::routing::put(admin::update_plan),
         ),
         (
             doc(

@@ -288,14 +288,18 @@ fn schemas() -> Value {
         "PlanBody": {
             "type": "object",
             "properties": {
-                "code": { "type": "string" }, "name": { "type": "string" }, "description": { "type": "string" },
-                "tier": { "type": "integer", "minimum": 0 },
-                "price_monthly": { "type": "integer", "minimum": 0 }, "price_yearly": { "type": "integer", "minimum": 0 },
-                "credits_included": { "type": "integer", "minimum": 0 },
-                "features": { "type": "array", "items": { "type": "string" } },
+                "code": { "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$" },
+                "name": { "type": "string", "minLength": 1, "maxLength": 255 },
+                "description": { "type": "string", "maxLength": 1000 },
+                "tier": { "type": "integer", "minimum": 0, "maximum": 100 },
+                "price_monthly": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64, "description": "cents" },
+                "price_yearly": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64, "description": "cents" },
+                "currency": { "type": "string", "pattern": "^[A-Za-z]{3}$" },
+                "credits_included": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64 },
+                "features": { "type": "array", "maxItems": 50, "items": { "type": "string", "minLength": 1, "maxLength": 255 } },
                 "active": { "type": "boolean" },
-                "stripe_price_monthly": { "type": "string" }, "stripe_price_yearly": { "type": "string" },
-                "creem_product_id": { "type": "string" }
+                "stripe_price_monthly": { "type": "string", "maxLength": 255 }, "stripe_price_yearly": { "type": "string", "maxLength": 255 },
+                "creem_product_id": { "type": "string", "maxLength": 255 }
             }
         },
         "CouponBody": {

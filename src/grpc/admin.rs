@@ -6,7 +6,11 @@ use super::{convert, input, not_yet};
 use crate::{
     audit,
     auth::caller,
-    catalog, checkin,
+    catalog::{
+        self,
+        plans::{self, PlanInput},
+    },
+    checkin,
     domain::MICROS_PER_CREDIT,
     error::Error,
     ledger::{AdjustInput, model::MAX_MICROS, reads},
@@ -38,16 +42,58 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn create_plan(
         &self,
-        _request: Request<pb::CreatePlanRequest>,
+        request: Request<pb::CreatePlanRequest>,
     ) -> Result<Response<pb::PlanResponse>, Status> {
-        not_yet!("AdminService.CreatePlan")
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let input = PlanInput {
+            code: Some(r.code),
+            name: Some(r.name),
+            description: Some(r.description),
+            tier: Some(r.tier),
+            price_monthly_cents: Some(r.price_monthly_cents),
+            price_yearly_cents: Some(r.price_yearly_cents),
+            currency: r.currency,
+            credits_included: Some(r.credits_included),
+            features: Some(r.features),
+            active: r.active,
+            stripe_price_monthly: r.stripe_price_monthly,
+            stripe_price_yearly: r.stripe_price_yearly,
+            creem_product_id: r.creem_product_id,
+        };
+        let plan = plans::create(&self.state.db, &actor, &input, self.state.clock.now()).await?;
+        Ok(Response::new(pb::PlanResponse {
+            plan: Some(convert::plan(plan)),
+        }))
     }
 
     async fn update_plan(
         &self,
-        _request: Request<pb::UpdatePlanRequest>,
+        request: Request<pb::UpdatePlanRequest>,
     ) -> Result<Response<pb::PlanResponse>, Status> {
-        not_yet!("AdminService.UpdatePlan")
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let id = input::required("id", &r.id, 64)?;
+        let input = PlanInput {
+            code: r.code,
+            name: r.name,
+            description: r.description,
+            tier: r.tier,
+            price_monthly_cents: r.price_monthly_cents,
+            price_yearly_cents: r.price_yearly_cents,
+            currency: r.currency,
+            credits_included: r.credits_included,
+            features: r.set_features.then_some(r.features),
+            active: r.active,
+            stripe_price_monthly: r.stripe_price_monthly,
+            stripe_price_yearly: r.stripe_price_yearly,
+            creem_product_id: r.creem_product_id,
+        };
+        let plan =
+            plans::update(&self.state.db, &actor, &id, &input, self.state.clock.now()).await?;
+        Ok(Response::new(pb::PlanResponse {
+            plan: Some(convert::plan(plan)),
+        }))
     }
 
     async fn list_coupons(
