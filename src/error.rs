@@ -80,9 +80,6 @@ pub enum Error {
     PlanCodeTaken,
     #[error("coupon code is already taken")]
     CouponCodeTaken,
-    /// A capability that a later release provides.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
     /// Too many writes are waiting; retry after a short pause.
     #[error("the ledger is overloaded; retry shortly")]
     Overloaded,
@@ -134,7 +131,6 @@ impl Error {
             Self::InvalidSignature(_) => "INVALID_SIGNATURE",
             Self::PlanCodeTaken => "PLAN_CODE_TAKEN",
             Self::CouponCodeTaken => "COUPON_CODE_TAKEN",
-            Self::NotImplemented(_) => "NOT_IMPLEMENTED",
             Self::Overloaded => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL_ERROR",
@@ -165,7 +161,6 @@ impl Error {
             | Self::NoBillingAccount => Code::FailedPrecondition,
             Self::PurchaseCooldown { .. } | Self::Overloaded => Code::ResourceExhausted,
             Self::PaymentProviderNotConfigured(_) | Self::Unavailable(_) => Code::Unavailable,
-            Self::NotImplemented(_) => Code::Unimplemented,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -226,7 +221,6 @@ impl Error {
             | Self::InvalidSignature(_)
             | Self::PlanCodeTaken
             | Self::CouponCodeTaken
-            | Self::NotImplemented(_)
             | Self::Overloaded
             | Self::Unavailable(_)
             | Self::Internal(_) => {}

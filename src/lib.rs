@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod checkin;
 pub mod clock;
 pub mod config;
+pub mod coupons;
 pub mod db;
 pub mod domain;
 pub mod entities;

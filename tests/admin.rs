@@ -660,3 +660,162 @@ async fn admin_plans_are_validated_partial_and_audited() -> R {
     }
     Ok(())
 }
+
+/// Coupons: each kind's bounds, codes unique whatever the case, bad input
+/// naming its field and writing nothing, creations audited; REST and gRPC.
+#[tokio::test]
+async fn admin_coupons_are_validated_unique_and_audited() -> R {
+    use reqwest::Method;
+    for backend in backends() {
+        let desk = Desk::open(backend, 1).await;
+        let later = (desk.clock.now() + TimeDelta::days(30))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let past = (desk.clock.now() - TimeDelta::days(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let bad = [
+            (json!({"kind": "percent_off", "value": 10}), "code"),
+            (
+                json!({"code": "", "kind": "percent_off", "value": 10}),
+                "code",
+            ),
+            (
+                json!({"code": "A B", "kind": "percent_off", "value": 10}),
+                "code",
+            ),
+            (
+                json!({"code": "X", "kind": "free_lunch", "value": 10}),
+                "kind",
+            ),
+            (json!({"code": "X", "value": 10}), "kind"),
+            (
+                json!({"code": "X", "kind": "percent_off", "value": 101}),
+                "value",
+            ),
+            (
+                json!({"code": "X", "kind": "percent_off", "value": 0}),
+                "value",
+            ),
+            (
+                json!({"code": "X", "kind": "amount_off", "value": -5}),
+                "value",
+            ),
+            (
+                json!({"code": "X", "kind": "amount_off", "value": "5"}),
+                "value",
+            ),
+            (
+                json!({"code": "X", "kind": "bonus_credits", "value": 1e20}),
+                "value",
+            ),
+            (
+                json!({"code": "X", "kind": "bonus_credits", "value": 5, "max_redemptions": 0}),
+                "max_redemptions",
+            ),
+            (
+                json!({"code": "X", "kind": "bonus_credits", "value": 5, "max_redemptions": 1e10}),
+                "max_redemptions",
+            ),
+            (
+                json!({"code": "X", "kind": "bonus_credits", "value": 5, "expires_at": "soon"}),
+                "expires_at",
+            ),
+            (
+                json!({"code": "X", "kind": "bonus_credits", "value": 5, "expires_at": past}),
+                "expires_at",
+            ),
+            (
+                json!({"code": "X", "kind": "bonus_credits", "value": 5, "active": 1}),
+                "active",
+            ),
+        ];
+        for (body, field) in bad {
+            let (status, answer) = desk
+                .admin_send(Method::POST, "/admin/billing/coupons", body.clone())
+                .await;
+            assert_eq!((status, code(&answer)), (400, "INVALID_ARGUMENT"), "{body}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(field),
+                "{body} → {answer}"
+            );
+        }
+        let (_, list) = desk.admin_get("/admin/billing/coupons").await;
+        assert_eq!(list["data"], json!([]), "nothing written");
+        assert_eq!(desk.audit_count().await, 0);
+
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/billing/coupons",
+                json!({"code": "spring-10", "kind": "percent_off", "value": 10,
+                    "max_redemptions": 3, "expires_at": later}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let c = &body["data"];
+        assert_eq!(
+            (
+                c["code"].clone(),
+                c["active"].clone(),
+                c["redeemed_count"].clone(),
+                c["max_redemptions"].clone()
+            ),
+            (json!("SPRING-10"), json!(true), json!(0), json!(3))
+        );
+        assert_eq!(c["expires_at"].as_str().unwrap()[..19], later[..19]);
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/billing/coupons",
+                json!({"code": "Spring-10", "kind": "bonus_credits", "value": 50}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (409, "COUPON_CODE_TAKEN"));
+
+        // gRPC: the same rules, and the listing with both kinds.
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(desk.t.channel().await);
+        let err = admin
+            .create_coupon(authed(
+                &desk.admin(),
+                pb::CreateCouponRequest {
+                    code: "SPRING-10".into(),
+                    kind: "amount_off".into(),
+                    value: 500,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (tonic::Code::AlreadyExists, "COUPON_CODE_TAKEN")
+        );
+        let made = admin
+            .create_coupon(authed(
+                &desk.admin(),
+                pb::CreateCouponRequest {
+                    code: "welcome".into(),
+                    kind: "bonus_credits".into(),
+                    value: 50,
+                    active: Some(false),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner()
+            .coupon
+            .unwrap();
+        assert_eq!((made.code.as_str(), made.active), ("WELCOME", false));
+        let listed = admin
+            .list_coupons(authed(&desk.admin(), pb::ListCouponsRequest {}))
+            .await?
+            .into_inner()
+            .coupons;
+        assert_eq!(listed.len(), 2);
+        let (_, log) = desk.admin_get("/admin/audit?action=coupon.create").await;
+        assert_eq!(log["pagination"]["total"], 2);
+        assert_eq!(log["data"][1]["after"]["code"], "SPRING-10");
+        assert_eq!(log["data"][1]["target"], "SPRING-10");
+        desk.close().await;
+    }
+    Ok(())
+}

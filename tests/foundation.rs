@@ -544,7 +544,7 @@ async fn rest_auth_rejects_missing_bad_expired_and_wrong_role() -> R {
 }
 
 #[tokio::test]
-async fn rest_envelope_fallbacks_and_pending_routes() -> R {
+async fn rest_envelope_fallbacks_and_admin_route_checks() -> R {
     let t = TestServer::start(Backend::Sqlite).await;
     let (status, body) = rest_error(t.http.get(t.rest("/no/such/route")).send().await?).await?;
     assert_eq!(
@@ -558,15 +558,15 @@ async fn rest_envelope_fallbacks_and_pending_routes() -> R {
         (405, Some("METHOD_NOT_ALLOWED"))
     );
 
-    // A route whose capability is not built yet: authenticated first, then 501.
+    // An admin route: authenticated first (401), then the role (403).
     let coupons = t.rest("/admin/billing/coupons");
     let (status, _) = rest_error(t.http.get(&coupons).send().await?).await?;
     assert_eq!(status, 401);
-    let admin = t.token(Role::Admin, "ops");
-    let (status, body) = rest_error(t.http.get(&coupons).bearer_auth(&admin).send().await?).await?;
+    let user = t.token(Role::User, "org-a");
+    let (status, body) = rest_error(t.http.get(&coupons).bearer_auth(&user).send().await?).await?;
     assert_eq!(
         (status, body["error_code"].as_str()),
-        (501, Some("NOT_IMPLEMENTED"))
+        (403, Some("FORBIDDEN"))
     );
 
     let health = t.http.get(t.rest("/healthz")).send().await?;

@@ -139,3 +139,76 @@ pub async fn audit(
         .collect();
     Ok(envelope::ok_page(rows, credits::pagination(r.page)))
 }
+
+#[derive(Serialize)]
+struct CouponJson {
+    id: String,
+    code: String,
+    kind: String,
+    value: i64,
+    max_redemptions: Option<i32>,
+    expires_at: Option<String>,
+    active: bool,
+    redeemed_count: i32,
+    created_at: Option<String>,
+}
+
+fn coupon_json(c: pb::Coupon) -> CouponJson {
+    CouponJson {
+        id: c.id,
+        code: c.code,
+        kind: c.kind,
+        value: c.value,
+        max_redemptions: c.max_redemptions,
+        expires_at: credits::rfc3339(c.expires_at),
+        active: c.active,
+        redeemed_count: c.redeemed_count,
+        created_at: credits::rfc3339(c.created_at),
+    }
+}
+
+pub async fn list_coupons(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .list_coupons(grpc_request(&headers, pb::ListCouponsRequest {}))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(
+        r.coupons.into_iter().map(coupon_json).collect::<Vec<_>>(),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct CouponBody {
+    code: String,
+    kind: String,
+    value: i64,
+    #[serde(default)]
+    max_redemptions: Option<i32>,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    active: Option<bool>,
+}
+
+pub async fn create_coupon(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<CouponBody>,
+) -> ApiResult {
+    let expires_at = credits::rfc3339_field("expires_at", b.expires_at.as_deref())?;
+    let request = pb::CreateCouponRequest {
+        code: b.code,
+        kind: b.kind,
+        value: b.value,
+        max_redemptions: b.max_redemptions,
+        expires_at,
+        active: b.active,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .create_coupon(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.coupon.map(coupon_json)))
+}

@@ -327,26 +327,7 @@ pub async fn manual(
     JsonBody(body): JsonBody<ManualBody>,
 ) -> ApiResult {
     let amount_micros = credits_field("amount", &body.amount)?;
-    let expires_at = match body
-        .expires_at
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        None => None,
-        Some(s) => {
-            let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| {
-                ApiError::from(Error::invalid(
-                    "expires_at",
-                    "must be an RFC 3339 date-time",
-                ))
-            })?;
-            Some(prost_types::Timestamp {
-                seconds: t.timestamp(),
-                nanos: t.timestamp_subsec_nanos() as i32,
-            })
-        }
-    };
+    let expires_at = rfc3339_field("expires_at", body.expires_at.as_deref())?;
     let request = pb::ManualAdjustRequest {
         org_id: body.org_id,
         amount_micros,
@@ -363,4 +344,23 @@ pub async fn manual(
         transaction_id: r.transaction_id,
         balance: Num::credits(r.balance_micros),
     }))
+}
+
+/// An optional RFC 3339 date-time field (empty is absent).
+pub(super) fn rfc3339_field(
+    field: &str,
+    value: Option<&str>,
+) -> Result<Option<prost_types::Timestamp>, ApiError> {
+    match value.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| {
+                ApiError::from(Error::invalid(field, "must be an RFC 3339 date-time"))
+            })?;
+            Ok(Some(prost_types::Timestamp {
+                seconds: t.timestamp(),
+                nanos: t.timestamp_subsec_nanos() as i32,
+            }))
+        }
+    }
 }

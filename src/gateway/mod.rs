@@ -27,7 +27,7 @@ use axum::{
     routing::{MethodRouter, get, post},
 };
 use serde::Serialize;
-use tonic::{Request, Status};
+use tonic::Request;
 use tower::BoxError;
 
 pub use envelope::{ApiError, ApiResult, JsonBody, Num, Pagination};
@@ -132,55 +132,6 @@ fn grpc_request<T>(headers: &HeaderMap, message: T) -> Request<T> {
         request.metadata_mut().insert("authorization", value);
     }
     request
-}
-
-/// One unary call to `path` with prost messages (for routes whose typed
-/// translation comes with their capability).
-async fn unary<Req, Resp>(
-    channel: GrpcChannel,
-    path: &'static str,
-    request: Request<Req>,
-) -> Result<Resp, Status>
-where
-    Req: prost::Message + Send + Sync + 'static,
-    Resp: prost::Message + Default + Send + Sync + 'static,
-{
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("upstream not ready: {e}")))?;
-    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
-    let path = http::uri::PathAndQuery::from_static(path);
-    Ok(grpc.unary(request, path, codec).await?.into_inner())
-}
-
-/// A route whose capability is not built yet: it still makes the gRPC call
-/// (so authentication and roles answer first), which answers UNIMPLEMENTED,
-/// shown as 501 in the envelope.
-fn pending<Req, Resp>(method: Method, path: &'static str) -> MethodRouter<Gateway>
-where
-    Req: prost::Message + Default + Send + Sync + 'static,
-    Resp: prost::Message + Default + Send + Sync + 'static,
-{
-    let handler = move |State(gw): State<Gateway>, headers: HeaderMap| async move {
-        let result: Result<Resp, Status> =
-            unary(gw.channel, path, grpc_request(&headers, Req::default())).await;
-        match result {
-            Ok(_) => ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "NOT_IMPLEMENTED",
-                "not implemented",
-            )
-            .into_response(),
-            Err(status) => ApiError::from(status).into_response(),
-        }
-    };
-    axum::routing::on(
-        method
-            .try_into()
-            .unwrap_or(axum::routing::MethodFilter::GET),
-        handler,
-    )
 }
 
 // ---- built routes -------------------------------------------------------
@@ -382,7 +333,6 @@ async fn method_not_allowed(method: Method, uri: http::Uri) -> ApiError {
 /// Every documented route with its handler.
 pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
     use Access::{Admin, Public, User};
-    use pb::*;
     let doc = RouteDoc::new;
     vec![
         (
@@ -586,10 +536,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Admin",
             )
             .list(),
-            pending::<ListCouponsRequest, ListCouponsResponse>(
-                Method::GET,
-                "/billing.v1.AdminService/ListCoupons",
-            ),
+            get(admin::list_coupons),
         ),
         (
             doc(
@@ -600,10 +547,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Admin",
             )
             .body("CouponBody"),
-            pending::<CreateCouponRequest, CouponResponse>(
-                Method::POST,
-                "/billing.v1.AdminService/CreateCoupon",
-            ),
+            post(admin::create_coupon),
         ),
         (
             doc(

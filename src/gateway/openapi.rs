@@ -305,10 +305,10 @@ fn schemas() -> Value {
         "CouponBody": {
             "type": "object", "required": ["code", "kind", "value"],
             "properties": {
-                "code": { "type": "string" },
+                "code": { "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$" },
                 "kind": { "type": "string", "enum": ["percent_off", "amount_off", "bonus_credits"] },
-                "value": { "type": "integer", "minimum": 1 },
-                "max_redemptions": { "type": "integer", "minimum": 1 },
+                "value": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64, "description": "percent_off: 1-100 percent; amount_off: cents; bonus_credits: whole credits" },
+                "max_redemptions": { "type": "integer", "minimum": 1, "maximum": 2_147_483_647 },
                 "expires_at": { "type": "string", "format": "date-time" },
                 "active": { "type": "boolean" }
             }

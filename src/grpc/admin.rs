@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{convert, input, not_yet};
+use super::{convert, input};
 use crate::{
     audit,
     auth::caller,
@@ -10,7 +10,7 @@ use crate::{
         self,
         plans::{self, PlanInput},
     },
-    checkin,
+    checkin, coupons,
     domain::MICROS_PER_CREDIT,
     error::Error,
     ledger::{AdjustInput, model::MAX_MICROS, reads},
@@ -100,14 +100,34 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         _request: Request<pb::ListCouponsRequest>,
     ) -> Result<Response<pb::ListCouponsResponse>, Status> {
-        not_yet!("AdminService.ListCoupons")
+        let rows = coupons::list(&self.state.db).await?;
+        Ok(Response::new(pb::ListCouponsResponse {
+            coupons: rows.into_iter().map(convert::coupon).collect(),
+        }))
     }
 
     async fn create_coupon(
         &self,
-        _request: Request<pb::CreateCouponRequest>,
+        request: Request<pb::CreateCouponRequest>,
     ) -> Result<Response<pb::CouponResponse>, Status> {
-        not_yet!("AdminService.CreateCoupon")
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let expires_at = match &r.expires_at {
+            Some(t) => Some(input::timestamp("expires_at", t)?),
+            None => None,
+        };
+        let new = coupons::NewCoupon {
+            code: r.code,
+            kind: r.kind,
+            value: r.value,
+            max_redemptions: r.max_redemptions,
+            expires_at,
+            active: r.active,
+        };
+        let c = coupons::create(&self.state.db, &actor, &new, self.state.clock.now()).await?;
+        Ok(Response::new(pb::CouponResponse {
+            coupon: Some(convert::coupon(c)),
+        }))
     }
 
     async fn list_transactions(

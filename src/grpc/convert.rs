@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     catalog::plan_features,
-    entities::{admin_audit, order, pack, plan, rate},
+    entities::{admin_audit, coupon, order, pack, plan, rate},
     ledger::reads::TransactionRow,
     pb,
 };
@@ -116,5 +116,19 @@ pub fn audit_entry(a: admin_audit::Model) -> pb::AuditEntry {
         before_json: text("before"),
         after_json: text("after"),
         created_at: Some(timestamp(a.created_at)),
+    }
+}
+
+pub fn coupon(c: coupon::Model) -> pb::Coupon {
+    pb::Coupon {
+        id: c.id,
+        code: c.code,
+        kind: c.kind,
+        value: c.value,
+        max_redemptions: c.max_redemptions,
+        expires_at: c.expires_at.map(timestamp),
+        active: c.active,
+        redeemed_count: c.redeemed_count,
+        created_at: Some(timestamp(c.created_at)),
     }
 }

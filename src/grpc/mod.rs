@@ -128,15 +128,6 @@ pub async fn set_health(reporter: &HealthReporter, serving: bool) {
     }
 }
 
-/// Answers `UNIMPLEMENTED` (REST 501) for a method whose capability a later
-/// release builds.
-macro_rules! not_yet {
-    ($method:literal) => {
-        Err($crate::error::Error::NotImplemented($method).into())
-    };
-}
-pub(crate) use not_yet;
-
 #[cfg(test)]
 mod tests {
     use super::*;

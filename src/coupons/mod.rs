@@ -1,0 +1,222 @@
+//! Coupons: their administration (this module) and, with the payments
+//! that use them, their redemption.
+//!
+//! A coupon is one of three kinds: `percent_off` (value 1–100, percent of
+//! the price), `amount_off` (value in cents off the price) or
+//! `bonus_credits` (value in whole credits granted with the payment). Codes
+//! are letters, digits, `_` and `-`, stored upper-case, so they are unique
+//! whatever the case they are typed in (`409 COUPON_CODE_TAKEN`, the unique
+//! index deciding when two creations race). Every creation is audited in
+//! its own transaction.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, SqlErr, TransactionTrait,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    audit,
+    entities::coupon,
+    error::{Error, Result},
+};
+
+/// Largest `amount_off` (cents) and `bonus_credits` (credits) value.
+pub const MAX_VALUE: i64 = 1_000_000_000_000;
+
+/// What a coupon does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    PercentOff,
+    AmountOff,
+    BonusCredits,
+}
+
+impl Kind {
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "percent_off" => Ok(Self::PercentOff),
+            "amount_off" => Ok(Self::AmountOff),
+            "bonus_credits" => Ok(Self::BonusCredits),
+            other => Err(Error::invalid(
+                "kind",
+                format!("`{other}` is not one of percent_off, amount_off, bonus_credits"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PercentOff => "percent_off",
+            Self::AmountOff => "amount_off",
+            Self::BonusCredits => "bonus_credits",
+        }
+    }
+
+    /// The values a coupon of this kind may have.
+    fn bounds(self) -> (i64, i64) {
+        match self {
+            Self::PercentOff => (1, 100),
+            Self::AmountOff | Self::BonusCredits => (1, MAX_VALUE),
+        }
+    }
+}
+
+/// A coupon to create.
+#[derive(Debug, Clone)]
+pub struct NewCoupon {
+    pub code: String,
+    pub kind: String,
+    pub value: i64,
+    pub max_redemptions: Option<i32>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub active: Option<bool>,
+}
+
+/// A code as stored: trimmed, upper-case, plain.
+pub fn normalize_code(field: &str, value: &str) -> Result<String> {
+    let v = value.trim();
+    if v.is_empty() || v.len() > 64 {
+        return Err(Error::invalid(field, "must be 1 to 64 characters"));
+    }
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(Error::invalid(
+            field,
+            "may hold only letters, digits, `_` and `-`",
+        ));
+    }
+    Ok(v.to_ascii_uppercase())
+}
+
+fn validated(c: &NewCoupon, now: DateTime<Utc>) -> Result<(String, Kind)> {
+    let code = normalize_code("code", &c.code)?;
+    let kind = Kind::parse(c.kind.trim())?;
+    let (min, max) = kind.bounds();
+    if !(min..=max).contains(&c.value) {
+        return Err(Error::invalid(
+            "value",
+            format!("a {} coupon's value is {min} to {max}", kind.as_str()),
+        ));
+    }
+    if c.max_redemptions.is_some_and(|n| n < 1) {
+        return Err(Error::invalid("max_redemptions", "must be at least 1"));
+    }
+    if c.expires_at.is_some_and(|t| t <= now) {
+        return Err(Error::invalid("expires_at", "must be in the future"));
+    }
+    Ok((code, kind))
+}
+
+fn snapshot(c: &coupon::Model) -> Value {
+    json!({
+        "id": c.id, "code": c.code, "kind": c.kind, "value": c.value,
+        "max_redemptions": c.max_redemptions, "expires_at": c.expires_at, "active": c.active,
+    })
+}
+
+/// Creates a coupon, audited.
+pub async fn create(
+    db: &DatabaseConnection,
+    actor: &str,
+    new: &NewCoupon,
+    now: DateTime<Utc>,
+) -> Result<coupon::Model> {
+    let (code, kind) = validated(new, now)?;
+    let txn = db.begin().await?;
+    if coupon::Entity::find()
+        .filter(coupon::Column::Code.eq(code.as_str()))
+        .one(&txn)
+        .await?
+        .is_some()
+    {
+        return Err(Error::CouponCodeTaken);
+    }
+    let created = coupon::ActiveModel {
+        id: Set(format!("coupon-{}", uuid::Uuid::now_v7())),
+        code: Set(code),
+        kind: Set(kind.as_str().into()),
+        value: Set(new.value),
+        max_redemptions: Set(new.max_redemptions),
+        redeemed_count: Set(0),
+        expires_at: Set(new.expires_at),
+        active: Set(new.active.unwrap_or(true)),
+        created_at: Set(now),
+    }
+    .insert(&txn)
+    .await
+    .map_err(|e: DbErr| match e.sql_err() {
+        Some(SqlErr::UniqueConstraintViolation(_)) => Error::CouponCodeTaken,
+        _ => e.into(),
+    })?;
+    audit::record(
+        &txn,
+        audit::Change {
+            actor,
+            action: "coupon.create",
+            target_org: None,
+            target: &created.code,
+            reason: "",
+            before: Value::Null,
+            after: snapshot(&created),
+        },
+        now,
+    )
+    .await?;
+    txn.commit().await?;
+    Ok(created)
+}
+
+/// Every coupon, newest first.
+pub async fn list(db: &DatabaseConnection) -> Result<Vec<coupon::Model>> {
+    Ok(coupon::Entity::find()
+        .order_by_desc(coupon::Column::CreatedAt)
+        .order_by_desc(coupon::Column::Id)
+        .all(db)
+        .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(kind: &str, value: i64) -> NewCoupon {
+        NewCoupon {
+            code: "spring-10".into(),
+            kind: kind.into(),
+            value,
+            max_redemptions: None,
+            expires_at: None,
+            active: None,
+        }
+    }
+
+    #[test]
+    fn values_are_bounded_by_kind() {
+        let now = Utc::now();
+        let field = |c: NewCoupon| match validated(&c, now) {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            validated(&new("percent_off", 100), now).expect("valid"),
+            ("SPRING-10".into(), Kind::PercentOff)
+        );
+        assert_eq!(field(new("percent_off", 101)), "value");
+        assert_eq!(field(new("percent_off", 0)), "value");
+        assert_eq!(field(new("amount_off", MAX_VALUE + 1)), "value");
+        assert_eq!(field(new("free_lunch", 1)), "kind");
+        let mut c = new("bonus_credits", 5);
+        c.max_redemptions = Some(0);
+        assert_eq!(field(c), "max_redemptions");
+        let mut c = new("bonus_credits", 5);
+        c.expires_at = Some(now);
+        assert_eq!(field(c), "expires_at");
+        let mut c = new("bonus_credits", 5);
+        c.code = "two words".into();
+        assert_eq!(field(c), "code");
+    }
+}
