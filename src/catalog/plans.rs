@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::{
     audit,
+    domain::catalog_code,
     entities::plan,
     error::{Error, Result},
 };
@@ -47,23 +48,6 @@ pub struct PlanInput {
     pub stripe_price_monthly: Option<String>,
     pub stripe_price_yearly: Option<String>,
     pub creem_product_id: Option<String>,
-}
-
-fn code(value: &str) -> Result<String> {
-    let v = value.trim();
-    if v.is_empty() || v.len() > 64 {
-        return Err(Error::invalid("code", "must be 1 to 64 characters"));
-    }
-    if !v
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(Error::invalid(
-            "code",
-            "may hold only letters, digits, `_` and `-`",
-        ));
-    }
-    Ok(v.to_ascii_uppercase())
 }
 
 fn text(field: &str, value: &str, min: usize, max: usize) -> Result<String> {
@@ -125,7 +109,7 @@ fn provider_id(field: &str, value: &str) -> Result<Option<String>> {
 /// Applies every given field of `input` to `row`, validating each.
 fn apply(row: &mut plan::ActiveModel, input: &PlanInput) -> Result<()> {
     if let Some(v) = &input.code {
-        row.code = Set(code(v)?);
+        row.code = Set(catalog_code("code", v)?);
     }
     if let Some(v) = &input.name {
         row.name = Set(text("name", v, 1, MAX_NAME)?);
@@ -299,10 +283,13 @@ mod tests {
 
     #[test]
     fn codes_are_upper_case_and_plain() {
-        assert_eq!(code(" sub_team-2 ").expect("a valid code"), "SUB_TEAM-2");
-        assert!(code("").is_err());
-        assert!(code("a b").is_err());
-        assert!(code(&"A".repeat(65)).is_err());
+        assert_eq!(
+            catalog_code("code", " sub_team-2 ").expect("a valid code"),
+            "SUB_TEAM-2"
+        );
+        assert!(catalog_code("code", "").is_err());
+        assert!(catalog_code("code", "a b").is_err());
+        assert!(catalog_code("code", &"A".repeat(65)).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::{
     audit,
+    domain::catalog_code,
     entities::coupon,
     error::{Error, Result},
 };
@@ -74,26 +75,8 @@ pub struct NewCoupon {
     pub active: Option<bool>,
 }
 
-/// A code as stored: trimmed, upper-case, plain.
-pub fn normalize_code(field: &str, value: &str) -> Result<String> {
-    let v = value.trim();
-    if v.is_empty() || v.len() > 64 {
-        return Err(Error::invalid(field, "must be 1 to 64 characters"));
-    }
-    if !v
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(Error::invalid(
-            field,
-            "may hold only letters, digits, `_` and `-`",
-        ));
-    }
-    Ok(v.to_ascii_uppercase())
-}
-
 fn validated(c: &NewCoupon, now: DateTime<Utc>) -> Result<(String, Kind)> {
-    let code = normalize_code("code", &c.code)?;
+    let code = catalog_code("code", &c.code)?;
     let kind = Kind::parse(c.kind.trim())?;
     let (min, max) = kind.bounds();
     if !(min..=max).contains(&c.value) {
