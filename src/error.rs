@@ -78,6 +78,8 @@ pub enum Error {
     InvalidSignature(String),
     #[error("plan code is already taken")]
     PlanCodeTaken,
+    #[error("pack code is already taken")]
+    PackCodeTaken,
     #[error("coupon code is already taken")]
     CouponCodeTaken,
     /// Too many writes are waiting; retry after a short pause.
@@ -130,6 +132,7 @@ impl Error {
             Self::NoBillingAccount => "NO_BILLING_ACCOUNT",
             Self::InvalidSignature(_) => "INVALID_SIGNATURE",
             Self::PlanCodeTaken => "PLAN_CODE_TAKEN",
+            Self::PackCodeTaken => "PACK_CODE_TAKEN",
             Self::CouponCodeTaken => "COUPON_CODE_TAKEN",
             Self::Overloaded => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
@@ -151,6 +154,7 @@ impl Error {
             Self::IdempotencyKeyReused
             | Self::AlreadyCheckedIn
             | Self::PlanCodeTaken
+            | Self::PackCodeTaken
             | Self::CouponCodeTaken => Code::AlreadyExists,
             Self::CreditsNotEnabled
             | Self::InsufficientCredits { .. }
@@ -220,6 +224,7 @@ impl Error {
             | Self::NoBillingAccount
             | Self::InvalidSignature(_)
             | Self::PlanCodeTaken
+            | Self::PackCodeTaken
             | Self::CouponCodeTaken
             | Self::Overloaded
             | Self::Unavailable(_)

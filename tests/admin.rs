@@ -819,3 +819,167 @@ async fn admin_coupons_are_validated_unique_and_audited() -> R {
     }
     Ok(())
 }
+
+/// Packs: created and changed field by field, codes unique whatever the
+/// case, inactive packs hidden from the public list, every write audited.
+#[tokio::test]
+async fn admin_packs_are_validated_partial_and_audited() -> R {
+    use reqwest::Method;
+    for backend in backends() {
+        let desk = Desk::open(backend, 1).await;
+        let bad = [
+            (json!({"name": "Big", "credits": 10}), "code"),
+            (json!({"code": "PACK_BIG", "credits": 10}), "name"),
+            (json!({"code": "PACK_BIG", "name": "Big"}), "credits"),
+            (
+                json!({"code": "PACK_BIG", "name": "Big", "credits": 0}),
+                "credits",
+            ),
+            (
+                json!({"code": "PACK_BIG", "name": "Big", "credits": 10, "price_cents": -1}),
+                "price",
+            ),
+            (
+                json!({"code": "PACK_BIG", "name": "Big", "credits": 1e15}),
+                "credits",
+            ),
+            (
+                json!({"code": "PACK_BIG", "name": "Big", "credits": 10, "limit_per_cycle": -1}),
+                "limit_per_cycle",
+            ),
+            (
+                json!({"code": "PACK_BIG", "name": "Big", "credits": 10, "lot_expiry_days": 0}),
+                "lot_expiry_days",
+            ),
+            (
+                json!({"code": "PACK_BIG", "name": "Big", "credits": 10, "currency": "euro"}),
+                "currency",
+            ),
+            (
+                json!({"code": "PACK BIG", "name": "Big", "credits": 10}),
+                "code",
+            ),
+        ];
+        for (body, field) in bad {
+            let (status, answer) = desk
+                .admin_send(Method::POST, "/admin/billing/packs", body.clone())
+                .await;
+            assert_eq!((status, code(&answer)), (400, "INVALID_ARGUMENT"), "{body}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(field),
+                "{body} → {answer}"
+            );
+        }
+        let (_, list) = desk.admin_get("/admin/billing/packs").await;
+        assert_eq!(list["data"].as_array().unwrap().len(), 3, "nothing written");
+        assert_eq!(desk.audit_count().await, 0);
+
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/billing/packs",
+                json!({"code": "pack_big", "name": "Big", "credits": 5000, "price_cents": 39999,
+                    "limit_per_cycle": 1, "lot_expiry_days": 90}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let id = body["data"]["id"].as_str().unwrap().to_owned();
+        assert_eq!(body["data"]["code"], "PACK_BIG");
+        assert_eq!(body["data"]["price"], 399.99);
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/billing/packs",
+                json!({"code": "Pack_Big", "name": "Again", "credits": 1}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (409, "PACK_CODE_TAKEN"));
+        let public = desk
+            .t
+            .http
+            .get(desk.t.rest("/credits/packs"))
+            .send()
+            .await?;
+        let (_, public) = json_of(public).await?;
+        assert!(
+            public["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["code"] == "PACK_BIG")
+        );
+
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                &format!("/admin/billing/packs/{id}"),
+                json!({"active": false}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (
+                body["data"]["credits"].clone(),
+                body["data"]["lot_expiry_days"].clone()
+            ),
+            (json!(5000), json!(90)),
+            "only `active` changed"
+        );
+        let public = desk
+            .t
+            .http
+            .get(desk.t.rest("/credits/packs"))
+            .send()
+            .await?;
+        let (_, public) = json_of(public).await?;
+        assert!(
+            !public["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["code"] == "PACK_BIG")
+        );
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                "/admin/billing/packs/pack-nope",
+                json!({"name": "X"}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (404, "PACK_NOT_FOUND"));
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                &format!("/admin/billing/packs/{id}"),
+                json!({"code": "PACK_1"}),
+            )
+            .await;
+        assert_eq!((status, code(&body)), (409, "PACK_CODE_TAKEN"));
+
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(desk.t.channel().await);
+        let packs = admin
+            .list_packs(authed(&desk.admin(), pb::AdminListPacksRequest {}))
+            .await?
+            .into_inner()
+            .packs;
+        assert_eq!(packs.len(), 4);
+        let err = admin
+            .update_pack(authed(
+                &desk.admin(),
+                pb::UpdatePackRequest {
+                    id: id.clone(),
+                    credits: Some(-3),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let (_, log) = desk.admin_get("/admin/audit?action=pack.update").await;
+        assert_eq!(log["pagination"]["total"], 1);
+        assert_eq!(log["data"][0]["before"]["active"], true);
+        assert_eq!(log["data"][0]["after"]["active"], false);
+        desk.close().await;
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! in force ([`active_subscription`], [`effective_plan`]), and the default
 //! catalog seeded into a database that has no plans yet.
 
+pub mod packs;
 pub mod plans;
 mod seed;
 

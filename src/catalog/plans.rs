@@ -50,7 +50,7 @@ pub struct PlanInput {
     pub creem_product_id: Option<String>,
 }
 
-fn text(field: &str, value: &str, min: usize, max: usize) -> Result<String> {
+pub(super) fn text(field: &str, value: &str, min: usize, max: usize) -> Result<String> {
     let v = value.trim();
     let n = v.chars().count();
     if n < min || n > max {
@@ -66,7 +66,7 @@ fn text(field: &str, value: &str, min: usize, max: usize) -> Result<String> {
     Ok(v.to_owned())
 }
 
-fn within(field: &str, value: i64, max: i64) -> Result<i64> {
+pub(super) fn within(field: &str, value: i64, max: i64) -> Result<i64> {
     if !(0..=max).contains(&value) {
         return Err(Error::invalid(
             field,
@@ -76,7 +76,7 @@ fn within(field: &str, value: i64, max: i64) -> Result<i64> {
     Ok(value)
 }
 
-fn currency(value: &str) -> Result<String> {
+pub(super) fn currency(value: &str) -> Result<String> {
     let v = value.trim();
     if v.len() != 3 || !v.chars().all(|c| c.is_ascii_alphabetic()) {
         return Err(Error::invalid(
@@ -101,7 +101,7 @@ fn features(values: &[String]) -> Result<Value> {
     Ok(json!(out))
 }
 
-fn provider_id(field: &str, value: &str) -> Result<Option<String>> {
+pub(super) fn provider_id(field: &str, value: &str) -> Result<Option<String>> {
     let v = text(field, value, 0, MAX_PROVIDER_ID)?;
     Ok((!v.is_empty()).then_some(v))
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    AdminPlanJson, ApiResult, Gateway, JsonBody,
+    AdminPlanJson, ApiResult, Gateway, JsonBody, Num,
     credits::{self, Params},
     envelope, grpc_request,
 };
@@ -211,4 +211,127 @@ pub async fn create_coupon(
         .await?
         .into_inner();
     Ok(envelope::ok(r.coupon.map(coupon_json)))
+}
+
+/// A pack as admins see it: every field, inactive packs included; `price`
+/// in currency units as on the public listing.
+#[derive(Serialize)]
+struct AdminPackJson {
+    id: String,
+    code: String,
+    name: String,
+    credits: i64,
+    price: Num,
+    currency: String,
+    active: bool,
+    limit_per_cycle: i32,
+    lot_expiry_days: Option<i32>,
+    stripe_price_id: Option<String>,
+    creem_product_id: Option<String>,
+}
+
+fn pack_json(p: pb::Pack) -> AdminPackJson {
+    let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
+    AdminPackJson {
+        id: p.id,
+        code: p.code,
+        name: p.name,
+        credits: p.credits,
+        price: Num::money(p.price_cents),
+        currency: p.currency,
+        active: p.active,
+        limit_per_cycle: p.limit_per_cycle,
+        lot_expiry_days: p.lot_expiry_days,
+        stripe_price_id: none_if_empty(p.stripe_price_id),
+        creem_product_id: none_if_empty(p.creem_product_id),
+    }
+}
+
+pub async fn list_packs(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .list_packs(grpc_request(&headers, pb::AdminListPacksRequest {}))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(
+        r.packs.into_iter().map(pack_json).collect::<Vec<_>>(),
+    ))
+}
+
+/// A pack's fields; `price_cents` in cents. On PUT only the fields given
+/// change (an empty provider id clears it).
+#[derive(Deserialize, Default)]
+pub struct PackBody {
+    code: Option<String>,
+    name: Option<String>,
+    credits: Option<i64>,
+    price_cents: Option<i64>,
+    currency: Option<String>,
+    limit_per_cycle: Option<i32>,
+    lot_expiry_days: Option<i32>,
+    active: Option<bool>,
+    stripe_price_id: Option<String>,
+    creem_product_id: Option<String>,
+}
+
+pub async fn create_pack(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<PackBody>,
+) -> ApiResult {
+    if b.code.is_none() || b.name.is_none() || b.credits.is_none() {
+        let field = if b.code.is_none() {
+            "code"
+        } else if b.name.is_none() {
+            "name"
+        } else {
+            "credits"
+        };
+        return Err(crate::error::Error::invalid(field, "is required").into());
+    }
+    let request = pb::CreatePackRequest {
+        code: b.code.unwrap_or_default(),
+        name: b.name.unwrap_or_default(),
+        credits: b.credits.unwrap_or_default(),
+        price_cents: b.price_cents.unwrap_or_default(),
+        currency: b.currency,
+        limit_per_cycle: b.limit_per_cycle,
+        lot_expiry_days: b.lot_expiry_days,
+        active: b.active,
+        stripe_price_id: b.stripe_price_id,
+        creem_product_id: b.creem_product_id,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .create_pack(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.pack.map(pack_json)))
+}
+
+pub async fn update_pack(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<PackBody>,
+) -> ApiResult {
+    let request = pb::UpdatePackRequest {
+        id,
+        code: b.code,
+        name: b.name,
+        credits: b.credits,
+        price_cents: b.price_cents,
+        currency: b.currency,
+        limit_per_cycle: b.limit_per_cycle,
+        lot_expiry_days: b.lot_expiry_days,
+        active: b.active,
+        stripe_price_id: b.stripe_price_id,
+        creem_product_id: b.creem_product_id,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .update_pack(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.pack.map(pack_json)))
 }

@@ -530,6 +530,39 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
         (
             doc(
                 "GET",
+                "/admin/billing/packs",
+                "Every credit pack, inactive included",
+                Admin,
+                "Admin",
+            )
+            .list(),
+            get(admin::list_packs),
+        ),
+        (
+            doc(
+                "POST",
+                "/admin/billing/packs",
+                "Create a credit pack",
+                Admin,
+                "Admin",
+            )
+            .body("PackBody"),
+            post(admin::create_pack),
+        ),
+        (
+            doc(
+                "PUT",
+                "/admin/billing/packs/{id}",
+                "Update a credit pack",
+                Admin,
+                "Admin",
+            )
+            .body("PackBody"),
+            axum::routing::put(admin::update_pack),
+        ),
+        (
+            doc(
+                "GET",
                 "/admin/billing/coupons",
                 "Coupons with their redemption counts",
                 Admin,

@@ -302,6 +302,21 @@ fn schemas() -> Value {
                 "creem_product_id": { "type": "string", "maxLength": 255 }
             }
         },
+        "PackBody": {
+            "type": "object",
+            "properties": {
+                "code": { "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$" },
+                "name": { "type": "string", "minLength": 1, "maxLength": 255 },
+                "credits": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64 },
+                "price_cents": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64 },
+                "currency": { "type": "string", "pattern": "^[A-Za-z]{3}$" },
+                "limit_per_cycle": { "type": "integer", "minimum": 0, "maximum": 1000 },
+                "lot_expiry_days": { "type": "integer", "minimum": 1, "maximum": 3650 },
+                "active": { "type": "boolean" },
+                "stripe_price_id": { "type": "string", "maxLength": 255 },
+                "creem_product_id": { "type": "string", "maxLength": 255 }
+            }
+        },
         "CouponBody": {
             "type": "object", "required": ["code", "kind", "value"],
             "properties": {

@@ -8,6 +8,7 @@ use crate::{
     auth::caller,
     catalog::{
         self,
+        packs::{self, PackInput},
         plans::{self, PlanInput},
     },
     checkin, coupons,
@@ -93,6 +94,66 @@ impl pb::admin_service_server::AdminService for AdminApi {
             plans::update(&self.state.db, &actor, &id, &input, self.state.clock.now()).await?;
         Ok(Response::new(pb::PlanResponse {
             plan: Some(convert::plan(plan)),
+        }))
+    }
+
+    async fn list_packs(
+        &self,
+        _request: Request<pb::AdminListPacksRequest>,
+    ) -> Result<Response<pb::AdminListPacksResponse>, Status> {
+        let rows = packs::list_all(&self.state.db).await?;
+        Ok(Response::new(pb::AdminListPacksResponse {
+            packs: rows.into_iter().map(convert::pack).collect(),
+        }))
+    }
+
+    async fn create_pack(
+        &self,
+        request: Request<pb::CreatePackRequest>,
+    ) -> Result<Response<pb::PackResponse>, Status> {
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let input = PackInput {
+            code: Some(r.code),
+            name: Some(r.name),
+            credits: Some(r.credits),
+            price_cents: Some(r.price_cents),
+            currency: r.currency,
+            limit_per_cycle: r.limit_per_cycle,
+            lot_expiry_days: r.lot_expiry_days,
+            active: r.active,
+            stripe_price_id: r.stripe_price_id,
+            creem_product_id: r.creem_product_id,
+        };
+        let pack = packs::create(&self.state.db, &actor, &input, self.state.clock.now()).await?;
+        Ok(Response::new(pb::PackResponse {
+            pack: Some(convert::pack(pack)),
+        }))
+    }
+
+    async fn update_pack(
+        &self,
+        request: Request<pb::UpdatePackRequest>,
+    ) -> Result<Response<pb::PackResponse>, Status> {
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let id = input::required("id", &r.id, 64)?;
+        let input = PackInput {
+            code: r.code,
+            name: r.name,
+            credits: r.credits,
+            price_cents: r.price_cents,
+            currency: r.currency,
+            limit_per_cycle: r.limit_per_cycle,
+            lot_expiry_days: r.lot_expiry_days,
+            active: r.active,
+            stripe_price_id: r.stripe_price_id,
+            creem_product_id: r.creem_product_id,
+        };
+        let pack =
+            packs::update(&self.state.db, &actor, &id, &input, self.state.clock.now()).await?;
+        Ok(Response::new(pb::PackResponse {
+            pack: Some(convert::pack(pack)),
         }))
     }
 

@@ -19,6 +19,9 @@ pub fn pack(p: pack::Model) -> pb::Pack {
         currency: p.currency,
         active: p.active,
         limit_per_cycle: p.limit_per_cycle,
+        lot_expiry_days: p.lot_expiry_days,
+        stripe_price_id: p.stripe_price_id.unwrap_or_default(),
+        creem_product_id: p.creem_product_id.unwrap_or_default(),
     }
 }
 
