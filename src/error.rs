@@ -94,6 +94,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// A write's database error, where a unique violation means `taken`
+    /// (the row's only unique column a write can change is its code): the
+    /// unique index decides, also when two writes race.
+    pub fn unique_or(e: sea_orm::DbErr, taken: Self) -> Self {
+        match e.sql_err() {
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => taken,
+            _ => e.into(),
+        }
+    }
+
     /// Bad input in `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidArgument {

@@ -6,8 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, SqlErr, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, QueryOrder,
+    TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -91,26 +91,6 @@ fn snapshot(p: &pack::Model) -> Value {
     })
 }
 
-fn taken(e: DbErr) -> Error {
-    match e.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => Error::PackCodeTaken,
-        _ => e.into(),
-    }
-}
-
-async fn code_taken(
-    db: &impl sea_orm::ConnectionTrait,
-    code: &str,
-    other_than: &str,
-) -> Result<bool> {
-    Ok(pack::Entity::find()
-        .filter(pack::Column::Code.eq(code))
-        .filter(pack::Column::Id.ne(other_than))
-        .one(db)
-        .await?
-        .is_some())
-}
-
 /// Every pack, inactive included, in listing order.
 pub async fn list_all(db: &DatabaseConnection) -> Result<Vec<pack::Model>> {
     Ok(pack::Entity::find()
@@ -151,12 +131,10 @@ pub async fn create(
     };
     apply(&mut row, input)?;
     let txn = db.begin().await?;
-    if let Set(code) = &row.code
-        && code_taken(&txn, code, "").await?
-    {
-        return Err(Error::PackCodeTaken);
-    }
-    let created = row.insert(&txn).await.map_err(taken)?;
+    let created = row
+        .insert(&txn)
+        .await
+        .map_err(|e| Error::unique_or(e, Error::PackCodeTaken))?;
     audit::record(
         &txn,
         audit::Change {
@@ -189,13 +167,10 @@ pub async fn update(
     };
     let mut row: pack::ActiveModel = before.clone().into();
     apply(&mut row, input)?;
-    if let Some(code) = row.code.try_as_ref()
-        && code != &before.code
-        && code_taken(&txn, code, id).await?
-    {
-        return Err(Error::PackCodeTaken);
-    }
-    let after = row.update(&txn).await.map_err(taken)?;
+    let after = row
+        .update(&txn)
+        .await
+        .map_err(|e| Error::unique_or(e, Error::PackCodeTaken))?;
     audit::record(
         &txn,
         audit::Change {

@@ -9,8 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr,
-    EntityTrait, QueryFilter, SqlErr, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -161,24 +160,6 @@ fn snapshot(p: &plan::Model) -> Value {
     })
 }
 
-/// A unique violation on write is the code being taken (the only unique
-/// column a plan write can change).
-fn taken(e: DbErr) -> Error {
-    match e.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => Error::PlanCodeTaken,
-        _ => e.into(),
-    }
-}
-
-async fn code_taken(db: &impl ConnectionTrait, code: &str, other_than: &str) -> Result<bool> {
-    Ok(plan::Entity::find()
-        .filter(plan::Column::Code.eq(code))
-        .filter(plan::Column::Id.ne(other_than))
-        .one(db)
-        .await?
-        .is_some())
-}
-
 /// Creates a plan: `code` and `name` required; the rest default (tier 0,
 /// free, USD, no credits, no features, active).
 pub async fn create(
@@ -213,12 +194,10 @@ pub async fn create(
     };
     apply(&mut row, input)?;
     let txn = db.begin().await?;
-    if let Set(code) = &row.code
-        && code_taken(&txn, code, "").await?
-    {
-        return Err(Error::PlanCodeTaken);
-    }
-    let created = row.insert(&txn).await.map_err(taken)?;
+    let created = row
+        .insert(&txn)
+        .await
+        .map_err(|e| Error::unique_or(e, Error::PlanCodeTaken))?;
     audit::record(
         &txn,
         audit::Change {
@@ -251,14 +230,11 @@ pub async fn update(
     };
     let mut row: plan::ActiveModel = before.clone().into();
     apply(&mut row, input)?;
-    if let Some(code) = row.code.try_as_ref()
-        && code != &before.code
-        && code_taken(&txn, code, id).await?
-    {
-        return Err(Error::PlanCodeTaken);
-    }
     row.updated_at = Set(now);
-    let after = row.update(&txn).await.map_err(taken)?;
+    let after = row
+        .update(&txn)
+        .await
+        .map_err(|e| Error::unique_or(e, Error::PlanCodeTaken))?;
     audit::record(
         &txn,
         audit::Change {

@@ -11,8 +11,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, SqlErr, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, QueryOrder,
+    TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -110,14 +110,6 @@ pub async fn create(
 ) -> Result<coupon::Model> {
     let (code, kind) = validated(new, now)?;
     let txn = db.begin().await?;
-    if coupon::Entity::find()
-        .filter(coupon::Column::Code.eq(code.as_str()))
-        .one(&txn)
-        .await?
-        .is_some()
-    {
-        return Err(Error::CouponCodeTaken);
-    }
     let created = coupon::ActiveModel {
         id: Set(format!("coupon-{}", uuid::Uuid::now_v7())),
         code: Set(code),
@@ -131,10 +123,7 @@ pub async fn create(
     }
     .insert(&txn)
     .await
-    .map_err(|e: DbErr| match e.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => Error::CouponCodeTaken,
-        _ => e.into(),
-    })?;
+    .map_err(|e| Error::unique_or(e, Error::CouponCodeTaken))?;
     audit::record(
         &txn,
         audit::Change {
