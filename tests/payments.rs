@@ -292,6 +292,49 @@ impl Shop {
         self.deliver(&self.event(kind, object)).await
     }
 
+    /// An admin token, valid at the shop's clock.
+    fn admin_token(&self) -> String {
+        let now = self.clock.now().timestamp();
+        self.t.keys.issue("admin-1", "ops", Role::Admin, now, 3600)
+    }
+
+    /// Creates a coupon through the admin API; its answer.
+    async fn coupon(&self, body: Value) -> Value {
+        let r = self
+            .t
+            .http
+            .post(self.t.rest("/admin/billing/coupons"))
+            .bearer_auth(self.admin_token())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, answer) = json_of(r).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        answer["data"].clone()
+    }
+
+    /// The admin API's `redeemed_count` of coupon `code`.
+    async fn redeemed(&self, code: &str) -> i64 {
+        let r = self
+            .t
+            .http
+            .get(self.t.rest("/admin/billing/coupons"))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap();
+        let (_, list) = json_of(r).await.unwrap();
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["code"] == code)
+            .unwrap()["redeemed_count"]
+            .as_i64()
+            .unwrap()
+    }
+
     async fn stored(&self, org: &str) -> f64 {
         let (_, b) = self.get(org, "/credits/balance").await;
         b["data"]["stored"].as_f64().unwrap()
@@ -1460,5 +1503,363 @@ async fn subscription_events_race_across_replicas() -> R {
     assert_eq!((grants(org), grants(buyer)), (2, 1));
     invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
     shop.close().await;
+    Ok(())
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error_code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn coupons_lower_the_price_or_add_credits_and_redeem_once_when_paid() -> R {
+    for backend in backends() {
+        let shop = Shop::open_with(backend, 1, &[("PURCHASE_COOLDOWN_SECONDS", "0")]).await;
+        let org = "couponer";
+        shop.subscribe(org, "sub-starter").await;
+        let soon = (shop.clock.now() + TimeDelta::hours(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        shop.coupon(json!({"code": "tenoff", "kind": "percent_off", "value": 10}))
+            .await;
+        shop.coupon(json!({"code": "FIVE", "kind": "amount_off", "value": 500}))
+            .await;
+        shop.coupon(json!({"code": "ALL", "kind": "amount_off", "value": 5000}))
+            .await;
+        shop.coupon(
+            json!({"code": "bonus50", "kind": "bonus_credits", "value": 50, "max_redemptions": 1}),
+        )
+        .await;
+        shop.coupon(json!({"code": "OFF", "kind": "percent_off", "value": 10, "active": false}))
+            .await;
+        shop.coupon(
+            json!({"code": "BRIEF", "kind": "percent_off", "value": 10, "expires_at": soon}),
+        )
+        .await;
+
+        // Refused codes write nothing: no order, no provider call.
+        let buy = |code: &str| json!({"packId": "pack-1", "coupon_code": code});
+        for (code, why) in [
+            ("NOSUCH", "unknown"),
+            ("off", "not active"),
+            ("ALL", "nothing to pay"),
+        ] {
+            let (status, body) = shop.buy(org, buy(code)).await;
+            assert_eq!(
+                (status, error_code(&body)),
+                (400, "INVALID_COUPON"),
+                "{body}"
+            );
+            assert!(body["message"].as_str().unwrap().contains(why), "{body}");
+        }
+        let mut packs =
+            billing::pb::packs_service_client::PacksServiceClient::new(shop.t.channel().await);
+        let refused = packs
+            .buy_pack(common::authed(
+                &shop.token(org),
+                billing::pb::BuyPackRequest {
+                    pack_id: "pack-1".into(),
+                    coupon_code: Some("nosuch".into()),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(common::reason(&refused), "INVALID_COUPON", "{refused:?}");
+        let (status, body) = shop.buy(org, buy(&"X".repeat(65))).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "INVALID_ARGUMENT"),
+            "{body}"
+        );
+        assert!(shop.stripe.calls("/v1/checkout/sessions").is_empty());
+        let (_, orders) = shop.get(org, "/orders").await;
+        assert_eq!(orders["data"], json!([]), "nothing written");
+
+        // Percent off, typed in any case: Stripe charges the discounted
+        // price, the order records it; redeemed once the payment is in,
+        // whatever the replays.
+        let (status, body) = shop.buy(org, buy("TenOff")).await;
+        assert_eq!(status, 200, "{body}");
+        let order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let form = shop.stripe.calls("/v1/checkout/sessions")[0].form.clone();
+        assert_eq!(form["line_items[0][price_data][unit_amount]"], "1800");
+        let (_, o) = shop.get(org, &format!("/orders/{order}")).await;
+        assert_eq!(o["data"]["amount"], 18.0, "{o}");
+        assert_eq!(shop.redeemed("TENOFF").await, 0, "not before the payment");
+        let paid = shop.event(
+            "checkout.session.completed",
+            session(&order, org, "paid", "pi_c1"),
+        );
+        for _ in 0..3 {
+            assert_eq!(shop.deliver(&paid).await, 200);
+        }
+        let again = shop.event(
+            "checkout.session.completed",
+            session(&order, org, "paid", "pi_c1"),
+        );
+        assert_eq!(shop.deliver(&again).await, 200);
+        assert_eq!(shop.redeemed("TENOFF").await, 1);
+        assert_eq!(shop.stored(org).await, 100.0);
+
+        // Amount off.
+        let pack3 = |code: &str| json!({"packId": "pack-3", "coupon_code": code});
+        let (status, _) = shop.buy(org, pack3("five")).await;
+        assert_eq!(status, 200);
+        let form = shop.stripe.calls("/v1/checkout/sessions")[1].form.clone();
+        assert_eq!(form["line_items[0][price_data][unit_amount]"], "9499");
+
+        // Bonus credits: the price as it is, the credits with the payment,
+        // and a single use held by the open order.
+        let (status, body) = shop.buy(org, buy("BONUS50")).await;
+        assert_eq!(status, 200, "{body}");
+        let bonus_order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let form = shop.stripe.calls("/v1/checkout/sessions")[2].form.clone();
+        assert_eq!(form["line_items[0][price_data][unit_amount]"], "1999");
+        let (status, body) = shop.buy(org, pack3("BONUS50")).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "INVALID_COUPON"),
+            "{body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains("used up"),
+            "{body}"
+        );
+        let paid = shop.event(
+            "checkout.session.completed",
+            session(&bonus_order, org, "paid", "pi_c3"),
+        );
+        assert_eq!(shop.deliver(&paid).await, 200);
+        assert_eq!(shop.deliver(&paid).await, 200);
+        assert_eq!(shop.stored(org).await, 250.0, "100 + 100 + a 50 bonus");
+        assert_eq!(shop.redeemed("BONUS50").await, 1);
+        let rows = invariants::rows_by_org(&shop.t.server.state.db).await;
+        let bonus: Vec<_> = rows[org].iter().filter(|r| r.kind == "coupon").collect();
+        assert_eq!(bonus.len(), 1);
+        assert_eq!(bonus[0].amount_micros, 50 * CREDIT);
+
+        // Expired.
+        shop.clock.advance(TimeDelta::hours(2));
+        let (status, body) = shop.buy(org, pack3("BRIEF")).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "INVALID_COUPON"),
+            "{body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains("expired"),
+            "{body}"
+        );
+
+        // An open order holds its coupon for a day; a payment that comes
+        // after the last use went elsewhere redeems nothing and adds no
+        // bonus (the pack's credits still arrive).
+        shop.coupon(
+            json!({"code": "ONCE", "kind": "bonus_credits", "value": 5, "max_redemptions": 1}),
+        )
+        .await;
+        let (status, body) = shop.buy(org, pack3("ONCE")).await;
+        assert_eq!(status, 200, "{body}");
+        let late_order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        shop.clock.advance(TimeDelta::hours(25));
+        shop.subscribe("couponer-2", "sub-starter").await;
+        let (status, body) = shop.buy("couponer-2", buy("ONCE")).await;
+        assert_eq!(status, 200, "{body}");
+        let other = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let paid = shop.event(
+            "checkout.session.completed",
+            session(&other, "couponer-2", "paid", "pi_c5"),
+        );
+        assert_eq!(shop.deliver(&paid).await, 200);
+        let paid = shop.event(
+            "checkout.session.completed",
+            session(&late_order, org, "paid", "pi_c6"),
+        );
+        assert_eq!(shop.deliver(&paid).await, 200);
+        assert_eq!(shop.redeemed("ONCE").await, 1);
+        assert_eq!(shop.stored("couponer-2").await, 105.0);
+        assert_eq!(shop.stored(org).await, 1350.0, "250 + pack-3, no bonus");
+
+        // Creem: the discount goes as Creem's discount code.
+        pack::Entity::update(pack::ActiveModel {
+            id: Set("pack-2".into()),
+            creem_product_id: Set(Some("prod_pack_2".into())),
+            ..Default::default()
+        })
+        .exec(&shop.t.server.state.db)
+        .await?;
+        let (status, body) = shop
+            .buy(
+                org,
+                json!({"packId": "pack-2", "channel": "creem", "coupon_code": "tenoff"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let call = shop.creem.calls("/v1/checkouts").pop().unwrap();
+        assert_eq!(call["discount_code"], "TENOFF", "{call}");
+
+        // Subscriptions: bonus coupons on both providers, discounts on
+        // Stripe refused (nothing written).
+        let sub = |channel: &str, code: &str| {
+            json!({"channel": channel, "type": "subscription", "plan_id": "sub-pro",
+                "success_url": "https://app.test/ok", "cancel_url": "https://app.test/no",
+                "coupon_code": code})
+        };
+        let sessions = shop.stripe.calls("/v1/checkout/sessions").len();
+        let (status, body) = shop
+            .post(
+                "subscriber",
+                "/payment/create-session",
+                sub("stripe", "TENOFF"),
+            )
+            .await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "INVALID_COUPON"),
+            "{body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains("packs only"),
+            "{body}"
+        );
+        assert_eq!(shop.stripe.calls("/v1/checkout/sessions").len(), sessions);
+        let (_, orders) = shop.get("subscriber", "/orders").await;
+        assert_eq!(orders["data"], json!([]), "nothing written");
+        shop.coupon(json!({"code": "WELCOME", "kind": "bonus_credits", "value": 7}))
+            .await;
+        let (status, body) = shop
+            .post(
+                "subscriber",
+                "/payment/create-session",
+                sub("stripe", "welcome"),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let sub_order = body["data"]["order_id"].as_str().unwrap().to_owned();
+        let mut completed = session(&sub_order, "subscriber", "paid", "");
+        completed["mode"] = json!("subscription");
+        completed["payment_intent"] = Value::Null;
+        completed["subscription"] = json!("sub_c1");
+        let t0 = shop.clock.now();
+        shop.stripe.put_subscription(stripe_sub(
+            "sub_c1",
+            "subscriber",
+            "active",
+            "price_pro_m",
+            (ts(t0), ts(t0 + TimeDelta::days(30))),
+        ));
+        let completed = shop.event("checkout.session.completed", completed);
+        assert_eq!(shop.deliver(&completed).await, 200);
+        assert_eq!(shop.deliver(&completed).await, 200);
+        assert_eq!(shop.redeemed("WELCOME").await, 1);
+        let rows = invariants::rows_by_org(&shop.t.server.state.db).await;
+        let bonus: i64 = rows["subscriber"]
+            .iter()
+            .filter(|r| r.kind == "coupon")
+            .map(|r| r.amount_micros)
+            .sum();
+        assert_eq!(bonus, 7 * CREDIT);
+
+        invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+        shop.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coupon_limited_to_three_uses_is_redeemed_three_times_by_ten_racing_buyers() -> R {
+    use rand::{SeedableRng, seq::SliceRandom};
+    for backend in backends() {
+        let replicas = if backend == Backend::Postgres { 2 } else { 1 };
+        let shop = Shop::open_with(backend, replicas, &[]).await;
+        shop.coupon(
+            json!({"code": "RACE3", "kind": "percent_off", "value": 20, "max_redemptions": 3}),
+        )
+        .await;
+        let orgs: Vec<String> = (0..10).map(|i| format!("racer-{i}")).collect();
+        for org in &orgs {
+            shop.subscribe(org, "sub-starter").await;
+        }
+        let attempts = orgs.iter().enumerate().map(|(i, org)| {
+            shop.buy_on(i, org, json!({"packId": "pack-1", "coupon_code": "race3"}))
+        });
+        let answers = futures::future::join_all(attempts).await;
+        let won: Vec<(String, String)> = orgs
+            .iter()
+            .zip(&answers)
+            .filter(|(_, (s, _))| *s == 200)
+            .map(|(org, (_, b))| {
+                (
+                    org.clone(),
+                    b["data"]["order_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(won.len(), 3, "{answers:?}");
+        assert!(
+            answers
+                .iter()
+                .all(|(s, b)| *s == 200 || (*s == 400 && error_code(b) == "INVALID_COUPON")),
+            "{answers:?}"
+        );
+        // Every winner pays; each payment event three times, shuffled,
+        // to every replica at once.
+        let events: Vec<Vec<u8>> = won
+            .iter()
+            .enumerate()
+            .map(|(n, (org, order))| {
+                shop.event(
+                    "checkout.session.completed",
+                    session(order, org, "paid", &format!("pi_race3_{n}")),
+                )
+            })
+            .collect();
+        let mut pending: Vec<(usize, &[u8])> = events
+            .iter()
+            .flat_map(|e| (0..3).map(move |k| (k, e.as_slice())))
+            .collect();
+        pending.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
+        for _round in 0..10 {
+            let statuses =
+                futures::future::join_all(pending.iter().map(|(i, e)| shop.deliver_on(*i, e)))
+                    .await;
+            assert!(
+                statuses.iter().all(|s| *s == 200 || *s == 503),
+                "{statuses:?}"
+            );
+            pending = pending
+                .into_iter()
+                .zip(statuses)
+                .filter(|(_, s)| *s != 200)
+                .map(|(e, _)| e)
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+        }
+        assert!(pending.is_empty(), "every delivery succeeds once retried");
+        assert_eq!(shop.redeemed("RACE3").await, 3);
+        let redemptions = billing::entities::coupon_redemption::Entity::find()
+            .all(&shop.t.server.state.db)
+            .await?;
+        assert_eq!(redemptions.len(), 3);
+        for (org, _) in &won {
+            assert_eq!(shop.stored(org).await, 100.0);
+        }
+        // Used up: a further checkout is refused.
+        shop.subscribe("racer-late", "sub-starter").await;
+        let (status, body) = shop
+            .buy(
+                "racer-late",
+                json!({"packId": "pack-1", "coupon_code": "RACE3"}),
+            )
+            .await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "INVALID_COUPON"),
+            "{body}"
+        );
+        invariants::check(&shop.t.server.state.db, shop.clock.now()).await;
+        shop.close().await;
+    }
     Ok(())
 }

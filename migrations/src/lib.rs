@@ -12,6 +12,7 @@ mod m20261121_000001_initial_schema;
 mod m20261203_000001_hold_outcome;
 mod m20261203_000002_write_conflict;
 mod m20261203_000003_subscription_payments;
+mod m20261204_000001_redemption_per_order;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000001_hold_outcome::Migration),
             Box::new(m20261203_000002_write_conflict::Migration),
             Box::new(m20261203_000003_subscription_payments::Migration),
+            Box::new(m20261204_000001_redemption_per_order::Migration),
         ]
     }
 }

@@ -1,5 +1,6 @@
-//! Coupons: their administration (this module) and, with the payments
-//! that use them, their redemption.
+//! Coupons: their administration (this module), when one may be used and
+//! what it takes off ([`rule`]), and their use at checkout and redemption
+//! at payment ([`redeem`]).
 //!
 //! A coupon is one of three kinds: `percent_off` (value 1–100, percent of
 //! the price), `amount_off` (value in cents off the price) or
@@ -8,6 +9,9 @@
 //! whatever the case they are typed in (`409 COUPON_CODE_TAKEN`, the unique
 //! index deciding when two creations race). Every creation is audited in
 //! its own transaction.
+
+pub mod redeem;
+pub mod rule;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{

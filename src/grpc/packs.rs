@@ -6,6 +6,7 @@ use super::{convert, input};
 use crate::{
     auth::caller,
     catalog,
+    coupons::redeem,
     payments::purchase::{self, BuyPack, Channel},
     pb,
     state::AppState,
@@ -44,7 +45,7 @@ impl pb::packs_service_server::PacksService for PacksApi {
         let success_url = input::optional_url("success_url", r.success_url.as_deref())?;
         let cancel_url = input::optional_url("cancel_url", r.cancel_url.as_deref())?;
         let channel = Channel::parse("channel", r.channel.as_deref())?;
-        purchase::check_coupon(r.coupon_code.as_deref())?;
+        let coupon = redeem::code("coupon_code", r.coupon_code.as_deref())?;
         let checkout = purchase::buy_pack(
             &self.state,
             BuyPack {
@@ -53,6 +54,7 @@ impl pb::packs_service_server::PacksService for PacksApi {
                 channel,
                 success_url,
                 cancel_url,
+                coupon,
             },
         )
         .await?;

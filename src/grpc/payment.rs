@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use super::{convert, input};
 use crate::{
     auth::caller,
+    coupons::redeem,
     error::Error,
     payments::{
         orders,
@@ -43,7 +44,7 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
         let cancel_url = input::optional_url("cancel_url", Some(&r.cancel_url))?
             .ok_or_else(|| Error::invalid("cancel_url", "is required"))?;
         let period = Period::parse("billing_period", r.billing_period.as_deref())?;
-        purchase::check_coupon(r.coupon_code.as_deref())?;
+        let coupon = redeem::code("coupon_code", r.coupon_code.as_deref())?;
         match r.r#type.trim() {
             "pack" => {
                 let pack_id = input::required("pack_id", r.pack_id.as_deref().unwrap_or(""), 64)?;
@@ -55,6 +56,7 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
                         channel,
                         success_url: Some(success_url),
                         cancel_url: Some(cancel_url),
+                        coupon,
                     },
                 )
                 .await?;
@@ -75,6 +77,7 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
                         channel,
                         success_url: Some(success_url),
                         cancel_url: Some(cancel_url),
+                        coupon,
                     },
                 )
                 .await?;

@@ -18,6 +18,7 @@ use sea_orm::{
 
 use super::{orders::Status, purchase::Channel};
 use crate::{
+    coupons::redeem,
     domain::MICROS_PER_CREDIT,
     entities::{credit_lot, order, organization, pack},
     error::{Error, Result},
@@ -144,19 +145,30 @@ pub async fn subscription_started(
     if let Some(s) = subscription {
         stmt.value(order::Column::ProviderSubscriptionId, Some(s.to_owned()));
     }
-    if paid {
-        stmt.value(order::Column::Status, Status::Paid.as_str())
-            .value(order::Column::PaidAt, Some(now))
-            .and_where(Expr::col(order::Column::Status).is_in([
-                Status::Pending.as_str(),
-                Status::Failed.as_str(),
-                Status::Expired.as_str(),
-            ]));
+    if !paid {
+        let db = &state.db;
+        db.execute_raw(db.get_database_backend().build(&stmt))
+            .await?;
+        return Ok(());
     }
-    let db = &state.db;
-    db.execute_raw(db.get_database_backend().build(&stmt))
+    stmt.value(order::Column::Status, Status::Paid.as_str())
+        .value(order::Column::PaidAt, Some(now))
+        .and_where(Expr::col(order::Column::Status).is_in([
+            Status::Pending.as_str(),
+            Status::Failed.as_str(),
+            Status::Expired.as_str(),
+        ]));
+    // The order turns paid and redeems its coupon together.
+    let txn = state.db.begin().await?;
+    txn.execute_raw(txn.get_database_backend().build(&stmt))
         .await?;
-    Ok(())
+    for w in redeem::redemption_writes(&txn, order, now) {
+        txn.execute_raw(w.statement).await?;
+    }
+    txn.commit().await?;
+    let org = org_of(state, order).await?;
+    let expires = now + TimeDelta::days(DEFAULT_PACK_EXPIRY_DAYS);
+    redeem::grant_bonus(state, order, &org, Some(expires)).await
 }
 
 /// The payment arrived: the order's credits become spendable (settling
@@ -175,21 +187,25 @@ pub async fn paid(state: &AppState, order: order::Model, payment: Option<&str>) 
     if let Some(p) = payment {
         stmt.value(order::Column::ProviderPaymentId, Some(p.to_owned()));
     }
+    // The order turns paid and redeems its coupon with its credits.
+    let mut then = vec![side(&state.db, &stmt, None)];
+    then.extend(redeem::redemption_writes(&state.db, &b.order, now));
+    let expires_at = Some(now + TimeDelta::days(b.expiry_days));
     state
         .ledger
         .settle(SettleInput {
-            org: b.org,
+            org: b.org.clone(),
             entry_kind: "purchase",
             lot_kind: LotKind::TopUp,
             amount: b.credits_micros,
-            expires_at: Some(now + TimeDelta::days(b.expiry_days)),
+            expires_at,
             source_type: ORDER_SOURCE.into(),
             source_id: b.order.id.clone(),
             description: format!("Credit pack (order {})", b.order.id),
-            then: vec![side(&state.db, &stmt, None)],
+            then,
         })
         .await?;
-    Ok(())
+    redeem::grant_bonus(state, &b.order, &b.org, expires_at).await
 }
 
 /// The checkout completed but the money has not arrived (a bank debit):

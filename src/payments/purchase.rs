@@ -39,6 +39,7 @@ use super::{
     },
 };
 use crate::catalog::active_subscription;
+use crate::coupons::redeem::{self, Applied};
 use crate::{
     entities::{order, organization, pack, plan},
     error::{Error, Result},
@@ -100,19 +101,6 @@ impl Period {
     }
 }
 
-/// A checkout's `coupon_code`. No coupon exists until coupons are built,
-/// so any code given is unknown (`INVALID_COUPON`).
-pub fn check_coupon(code: Option<&str>) -> Result<()> {
-    match code.map(str::trim).filter(|c| !c.is_empty()) {
-        None => Ok(()),
-        Some(c) if c.chars().count() > 64 => Err(Error::invalid(
-            "coupon_code",
-            "is longer than 64 characters",
-        )),
-        Some(c) => Err(Error::InvalidCoupon(format!("unknown coupon `{c}`"))),
-    }
-}
-
 /// A validated pack purchase.
 pub struct BuyPack {
     pub org: String,
@@ -120,6 +108,8 @@ pub struct BuyPack {
     pub channel: Channel,
     pub success_url: Option<String>,
     pub cancel_url: Option<String>,
+    /// A coupon code, as [`redeem::code`] gives it.
+    pub coupon: Option<String>,
 }
 
 pub struct Checkout {
@@ -128,16 +118,18 @@ pub struct Checkout {
     pub url: String,
 }
 
-/// Checks the rules and records the attempt and the order (or reopens
-/// the order a failed provider call left). Returns the order and the
-/// organization's row as it was.
+/// Checks the rules, claims the coupon, and records the attempt and the
+/// order (or reopens the order a failed provider call left with the same
+/// coupon). Returns the order, the organization's row as it was, and the
+/// coupon applied.
 async fn open_order(
     state: &AppState,
     org_id: i64,
     pack: &pack::Model,
     channel: Channel,
+    coupon: Option<&str>,
     now: DateTime<Utc>,
-) -> Result<(order::Model, organization::Model)> {
+) -> Result<(order::Model, organization::Model, Option<Applied>)> {
     let txn = state.db.begin().await?;
     // Writing the row first takes its lock (PostgreSQL) or the database's
     // write lock (SQLite) before anything is read.
@@ -166,14 +158,6 @@ async fn open_order(
             .filter(order::Column::OrgId.eq(org_id))
             .filter(order::Column::PackId.eq(pack.id.clone()))
     };
-    let reusable = open()
-        .filter(order::Column::Status.eq(Status::Failed.as_str()))
-        .filter(order::Column::Channel.eq(channel.as_str()))
-        .filter(order::Column::ProviderSessionId.is_null())
-        // Only this cycle's, so that a reopened order counts in it.
-        .filter(order::Column::CreatedAt.gte(cycle_start))
-        .one(&txn)
-        .await?;
     let counted = open()
         .filter(order::Column::Status.is_in([Status::Pending.as_str(), Status::Paid.as_str()]))
         .filter(order::Column::CreatedAt.gte(cycle_start))
@@ -195,6 +179,20 @@ async fn open_order(
             });
         }
     }
+    let applied = match coupon {
+        Some(code) => Some(redeem::claim(&txn, code, pack.price_cents, now).await?),
+        None => None,
+    };
+    let coupon_id = applied.as_ref().map(|a| a.coupon_id.clone());
+    let reusable = open()
+        .filter(order::Column::Status.eq(Status::Failed.as_str()))
+        .filter(order::Column::Channel.eq(channel.as_str()))
+        .filter(order::Column::ProviderSessionId.is_null())
+        .filter(same_coupon(coupon_id.as_deref()))
+        // Only this cycle's, so that a reopened order counts in it.
+        .filter(order::Column::CreatedAt.gte(cycle_start))
+        .one(&txn)
+        .await?;
     organization::Entity::update_many()
         .col_expr(
             organization::Column::LastPurchaseAttemptAt,
@@ -226,10 +224,12 @@ async fn open_order(
                 pack_id: Some(pack.id.clone()),
                 plan_id: None,
                 billing_period: None,
-                amount_cents: pack.price_cents,
+                amount_cents: applied
+                    .as_ref()
+                    .map_or(pack.price_cents, |a| a.amount_cents),
                 currency: pack.currency.clone(),
                 channel: channel.as_str().into(),
-                coupon_id: None,
+                coupon_id,
                 provider_session_id: None,
                 provider_payment_id: None,
                 provider_subscription_id: None,
@@ -246,7 +246,15 @@ async fn open_order(
         }
     };
     txn.commit().await?;
-    Ok((order, org))
+    Ok((order, org, applied))
+}
+
+/// Orders with coupon `id` (or with none).
+fn same_coupon(id: Option<&str>) -> Condition {
+    match id {
+        Some(id) => Condition::all().add(order::Column::CouponId.eq(id)),
+        None => Condition::all().add(order::Column::CouponId.is_null()),
+    }
 }
 
 /// A configured provider.
@@ -287,9 +295,23 @@ struct Item<'a> {
     creem_product: Option<&'a str>,
     /// A plan, with its id and billing period; `None` for a pack.
     plan: Option<(&'a str, Period)>,
+    /// A discount coupon's code, for Creem to apply as its discount code.
+    discount_code: Option<String>,
 }
 
 impl Item<'_> {
+    /// The item as sold with `applied`: a discount changes what Stripe
+    /// charges (an inline price of the discounted amount replaces the
+    /// configured price id) and goes to Creem as its discount code.
+    fn with_coupon(mut self, applied: Option<&Applied>, amount_cents: i64) -> Self {
+        if let Some(a) = applied.filter(|a| a.is_discount()) {
+            self.amount_cents = amount_cents;
+            self.stripe_price = None;
+            self.discount_code = Some(a.code.clone());
+        }
+        self
+    }
+
     /// Creem sells only its own products.
     fn check(&self, channel: Channel) -> Result<()> {
         match channel {
@@ -377,6 +399,7 @@ async fn provider_checkout(
                         .creem_customer_id
                         .clone()
                         .map(|id| wire::CustomerRef { id }),
+                    discount_code: item.discount_code.clone(),
                 })
                 .await?;
             Ok(Session {
@@ -456,11 +479,14 @@ pub async fn buy_pack(state: &AppState, req: BuyPack) -> Result<Checkout> {
         stripe_price: pack.stripe_price_id.as_deref(),
         creem_product: pack.creem_product_id.as_deref(),
         plan: None,
+        discount_code: None,
     };
     item.check(req.channel)?;
     let now = state.clock.now();
     let org_id = state.ledger.ensure_org(&req.org).await?;
-    let (order, row) = open_order(state, org_id, &pack, req.channel, now).await?;
+    let coupon = req.coupon.as_deref();
+    let (order, row, applied) = open_order(state, org_id, &pack, req.channel, coupon, now).await?;
+    let item = item.with_coupon(applied.as_ref(), order.amount_cents);
     let urls = (req.success_url.as_deref(), req.cancel_url.as_deref());
     let buyer = Buyer {
         org: &req.org,
@@ -477,6 +503,8 @@ pub struct Subscribe {
     pub channel: Channel,
     pub success_url: Option<String>,
     pub cancel_url: Option<String>,
+    /// A coupon code, as [`redeem::code`] gives it.
+    pub coupon: Option<String>,
 }
 
 /// Opens a subscription checkout for a paid plan: `404 PLAN_NOT_FOUND`
@@ -485,6 +513,13 @@ pub struct Subscribe {
 /// plan's amount; Creem needs the plan's `creem_product_id`. An order
 /// that a provider failure left `failed` for the same plan, period and
 /// channel is reopened, like a pack's.
+///
+/// A coupon is claimed in the transaction that creates the order. On
+/// Creem a discount coupon goes to Creem as its discount code (Creem
+/// decides whether it applies to later periods); on Stripe only
+/// `bonus_credits` coupons apply to subscriptions: a one-time discount on
+/// a recurring price needs a coupon object at Stripe, which this service
+/// does not manage, so a discount coupon there is `INVALID_COUPON`.
 pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
     let plan = plan::Entity::find()
         .filter(
@@ -517,6 +552,7 @@ pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
         },
         creem_product: plan.creem_product_id.as_deref(),
         plan: Some((&plan.id, req.period)),
+        discount_code: None,
     };
     item.check(req.channel)?;
     let now = state.clock.now();
@@ -525,6 +561,20 @@ pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::internal(format!("organization {org_id} vanished")))?;
+    let txn = state.db.begin().await?;
+    let applied = match req.coupon.as_deref() {
+        Some(code) => Some(redeem::claim(&txn, code, amount_cents, now).await?),
+        None => None,
+    };
+    if let Some(a) = applied.as_ref().filter(|a| a.is_discount())
+        && req.channel == Channel::Stripe
+    {
+        return Err(Error::InvalidCoupon(format!(
+            "coupon `{}` is a discount: on Stripe, discounts apply to packs only",
+            a.code
+        )));
+    }
+    let coupon_id = applied.as_ref().map(|a| a.coupon_id.clone());
     let reusable = order::Entity::find()
         .filter(order::Column::OrgId.eq(org_id))
         .filter(order::Column::Kind.eq("subscription"))
@@ -533,7 +583,8 @@ pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
         .filter(order::Column::Channel.eq(req.channel.as_str()))
         .filter(order::Column::Status.eq(Status::Failed.as_str()))
         .filter(order::Column::ProviderSessionId.is_null())
-        .one(&state.db)
+        .filter(same_coupon(coupon_id.as_deref()))
+        .one(&txn)
         .await?;
     let order = match reusable {
         Some(o) => {
@@ -542,7 +593,7 @@ pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
                 .col_expr(order::Column::UpdatedAt, Expr::value(now))
                 .filter(order::Column::Id.eq(o.id.clone()))
                 .filter(order::Column::Status.eq(Status::Failed.as_str()))
-                .exec(&state.db)
+                .exec(&txn)
                 .await?;
             if reopened.rows_affected != 1 {
                 return Err(Error::Unavailable(
@@ -564,10 +615,10 @@ pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
                 pack_id: None,
                 plan_id: Some(plan.id.clone()),
                 billing_period: Some(req.period.as_str().into()),
-                amount_cents,
+                amount_cents: applied.as_ref().map_or(amount_cents, |a| a.amount_cents),
                 currency: plan.currency.clone(),
                 channel: req.channel.as_str().into(),
-                coupon_id: None,
+                coupon_id,
                 provider_session_id: None,
                 provider_payment_id: None,
                 provider_subscription_id: None,
@@ -578,11 +629,13 @@ pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
                 updated_at: now,
             };
             order::Entity::insert(o.clone().into_active_model())
-                .exec_without_returning(&state.db)
+                .exec_without_returning(&txn)
                 .await?;
             o
         }
     };
+    txn.commit().await?;
+    let item = item.with_coupon(applied.as_ref(), order.amount_cents);
     let urls = (req.success_url.as_deref(), req.cancel_url.as_deref());
     let buyer = Buyer {
         org: &req.org,

@@ -19,6 +19,9 @@ pub struct CheckoutRequest {
     pub metadata: CheckoutMetadata,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub customer: Option<CustomerRef>,
+    /// A discount code defined at Creem (the service's coupon code).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discount_code: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
