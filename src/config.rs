@@ -61,6 +61,10 @@ pub struct Config {
     /// `LEDGER_QUEUE_DEPTH`: operations that may wait in one writer queue
     /// before callers are refused with RESOURCE_EXHAUSTED.
     pub ledger_queue_depth: usize,
+    /// `RATE_REFRESH_SECONDS`: how often each replica reloads the usage
+    /// rates, so that a rate changed on one replica prices usage on every
+    /// replica within this time.
+    pub rate_refresh: Duration,
 }
 
 impl Config {
@@ -116,6 +120,19 @@ impl Config {
                     })?
                     .into(),
             ),
+        };
+
+        let rate_refresh = match get("RATE_REFRESH_SECONDS") {
+            None => Duration::from_secs(30),
+            Some(raw) => match raw.trim().parse::<u64>() {
+                Ok(n) if (1..=3600).contains(&n) => Duration::from_secs(n),
+                _ => {
+                    return Err(ConfigError {
+                        var: "RATE_REFRESH_SECONDS",
+                        message: format!("`{raw}` is not a whole number of seconds from 1 to 3600"),
+                    });
+                }
+            },
         };
 
         let ledger_queue_depth = match get("LEDGER_QUEUE_DEPTH") {
@@ -201,6 +218,7 @@ impl Config {
             log_filter: get("RUST_LOG").unwrap_or_else(|| "info".into()),
             log_format,
             ledger_queue_depth,
+            rate_refresh,
         })
     }
 
@@ -239,6 +257,7 @@ mod tests {
         assert!(c.cors_allowed_origins.is_empty());
         assert_eq!(c.stripe_api_base, "https://api.stripe.com");
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.rate_refresh, Duration::from_secs(30));
         Ok(())
     }
 
@@ -253,6 +272,7 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("STRIPE_API_BASE", "ftp://x"),
             ("STRIPE_WEBHOOK_SECRET", "nope"),
+            ("RATE_REFRESH_SECONDS", "0"),
         ] {
             match config(&[(var, value)]) {
                 Err(e) => {

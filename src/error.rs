@@ -82,6 +82,12 @@ pub enum Error {
     PackCodeTaken,
     #[error("coupon code is already taken")]
     CouponCodeTaken,
+    #[error("rate not found")]
+    RateNotFound,
+    #[error("a rate for this meter and model already exists")]
+    RateTaken,
+    #[error("a meter's default rate cannot be removed or switched off")]
+    DefaultRateRequired,
     /// Too many writes are waiting; retry after a short pause.
     #[error("the ledger is overloaded; retry shortly")]
     Overloaded,
@@ -144,6 +150,9 @@ impl Error {
             Self::PlanCodeTaken => "PLAN_CODE_TAKEN",
             Self::PackCodeTaken => "PACK_CODE_TAKEN",
             Self::CouponCodeTaken => "COUPON_CODE_TAKEN",
+            Self::RateNotFound => "RATE_NOT_FOUND",
+            Self::RateTaken => "RATE_TAKEN",
+            Self::DefaultRateRequired => "DEFAULT_RATE_REQUIRED",
             Self::Overloaded => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL_ERROR",
@@ -160,19 +169,22 @@ impl Error {
             Self::PackNotFound
             | Self::PlanNotFound
             | Self::OrderNotFound
-            | Self::ReservationNotFound => Code::NotFound,
+            | Self::ReservationNotFound
+            | Self::RateNotFound => Code::NotFound,
             Self::IdempotencyKeyReused
             | Self::AlreadyCheckedIn
             | Self::PlanCodeTaken
             | Self::PackCodeTaken
-            | Self::CouponCodeTaken => Code::AlreadyExists,
+            | Self::CouponCodeTaken
+            | Self::RateTaken => Code::AlreadyExists,
             Self::CreditsNotEnabled
             | Self::InsufficientCredits { .. }
             | Self::ReservationFinished { .. }
             | Self::CheckinDisabled
             | Self::PackLimitReached { .. }
             | Self::CreemProductNotConfigured
-            | Self::NoBillingAccount => Code::FailedPrecondition,
+            | Self::NoBillingAccount
+            | Self::DefaultRateRequired => Code::FailedPrecondition,
             Self::PurchaseCooldown { .. } | Self::Overloaded => Code::ResourceExhausted,
             Self::PaymentProviderNotConfigured(_) | Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
@@ -236,6 +248,9 @@ impl Error {
             | Self::PlanCodeTaken
             | Self::PackCodeTaken
             | Self::CouponCodeTaken
+            | Self::RateNotFound
+            | Self::RateTaken
+            | Self::DefaultRateRequired
             | Self::Overloaded
             | Self::Unavailable(_)
             | Self::Internal(_) => {}
@@ -271,6 +286,7 @@ const CONFLICT_REASONS: &[&str] = &[
     "INSUFFICIENT_CREDITS",
     "PACK_LIMIT_REACHED",
     "RESERVATION_FINISHED",
+    "DEFAULT_RATE_REQUIRED",
 ];
 
 /// The HTTP status of a gRPC status with the given `ErrorInfo.reason`

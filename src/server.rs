@@ -204,6 +204,7 @@ pub async fn start(
         options.clock.clone(),
         background.clone(),
         config.ledger_queue_depth,
+        config.rate_refresh,
     )
     .await?;
     crate::ledger::sweeper::spawn(ledger.clone(), background.clone());

@@ -37,11 +37,16 @@ fn before_midnight() -> DateTime<Utc> {
 
 impl Desk {
     async fn open(backend: Backend, replicas: usize) -> Self {
+        Self::open_with(backend, replicas, &[]).await
+    }
+
+    /// `replicas` servers on one database, with settings `env`.
+    async fn open_with(backend: Backend, replicas: usize, env: &[(&str, &str)]) -> Self {
         let clock = ManualClock::new(before_midnight());
-        let t = TestServer::start_with(backend, &[], Arc::new(clock.clone())).await;
+        let t = TestServer::start_with(backend, env, Arc::new(clock.clone())).await;
         let mut others = Vec::new();
         for _ in 1..replicas {
-            others.push(common::start_on(&t.db.url, &[], Arc::new(clock.clone())).await);
+            others.push(common::start_on(&t.db.url, env, Arc::new(clock.clone())).await);
         }
         Self {
             t,
@@ -979,6 +984,300 @@ async fn admin_packs_are_validated_partial_and_audited() -> R {
         assert_eq!(log["pagination"]["total"], 1);
         assert_eq!(log["data"][0]["before"]["active"], true);
         assert_eq!(log["data"][0]["after"]["active"], false);
+        desk.close().await;
+    }
+    Ok(())
+}
+
+/// What `ai_tokens` usage of 1M tokens on `model` costs on replica `i`,
+/// as a Consume there charges it.
+async fn charged(desk: &Desk, i: usize, org: &str, model: &str, key: &str) -> i64 {
+    let addr = match i % (desk.replicas.len() + 1) {
+        0 => desk.t.server.grpc_addr,
+        n => desk.replicas[n - 1].grpc_addr,
+    };
+    let mut usage = pb::usage_service_client::UsageServiceClient::new(common::connect(addr).await);
+    let now = desk.clock.now().timestamp();
+    let service = desk
+        .t
+        .keys
+        .issue("svc", "internal", Role::Service, now, 3600);
+    usage
+        .consume(authed(
+            &service,
+            pb::ConsumeRequest {
+                org_id: org.into(),
+                meter: "ai_tokens".into(),
+                quantity: 1_000_000,
+                model: Some(model.into()),
+                idempotency_key: key.into(),
+                description: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .charged_micros
+}
+
+/// Rates: validated, unique per meter and model, audited; a default rate
+/// stays; a change prices usage at once on the replica that took it and
+/// on every other replica within `RATE_REFRESH_SECONDS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_rates_are_validated_keep_a_default_and_reprice_every_replica() -> R {
+    use reqwest::Method;
+    const CR: i64 = 1_000_000;
+    for backend in backends() {
+        let replicas = if backend == Backend::Postgres { 2 } else { 1 };
+        let desk = Desk::open_with(backend, replicas, &[("RATE_REFRESH_SECONDS", "1")]).await;
+        let org = "metered";
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/credits/manual",
+                json!({"org_id": org, "amount": 10000, "reason": "usage budget"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let audits = desk.audit_count().await;
+        let (_, seeded) = desk.admin_get("/admin/billing/rates").await;
+        assert_eq!(seeded["data"].as_array().unwrap().len(), 5, "{seeded}");
+
+        let bad = [
+            (json!({}), "meter"),
+            (json!({"meter": "bytes", "credits_per_unit": 1}), "meter"),
+            (json!({"meter": "ai_tokens"}), "credits_per_unit"),
+            (
+                json!({"meter": "ai_tokens", "model": "m", "credits_per_unit": -1}),
+                "credits_per_unit",
+            ),
+            (
+                json!({"meter": "ai_tokens", "model": "m", "credits_per_unit": "1"}),
+                "credits_per_unit",
+            ),
+            (
+                json!({"meter": "ai_tokens", "model": "m", "credits_per_unit": 1e13}),
+                "credits_per_unit",
+            ),
+            (
+                json!({"meter": "ai_tokens", "model": "m", "credits_per_unit": 0.0000001}),
+                "credits_per_unit",
+            ),
+            (
+                json!({"meter": "ai_tokens", "model": "two words", "credits_per_unit": 1}),
+                "model",
+            ),
+            (
+                json!({"meter": "ai_tokens", "model": "m".repeat(129), "credits_per_unit": 1}),
+                "model",
+            ),
+            (
+                json!({"meter": "ai_tokens", "model": "m", "credits_per_unit": 1, "description": "d".repeat(256)}),
+                "description",
+            ),
+            (
+                json!({"meter": "ai_tokens", "model": "m", "credits_per_unit": 1, "active": 1}),
+                "active",
+            ),
+            (json!({"meter": 7, "credits_per_unit": 1}), "meter"),
+        ];
+        for (body, field) in bad {
+            let (status, answer) = desk
+                .admin_send(Method::POST, "/admin/billing/rates", body.clone())
+                .await;
+            assert_eq!((status, code(&answer)), (400, "INVALID_ARGUMENT"), "{body}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(field),
+                "{body} → {answer}"
+            );
+        }
+        for body in [
+            json!({"meter": "ai_tokens", "credits_per_unit": 1}),
+            json!({"meter": "ai_tokens", "model": "gpt-4o", "credits_per_unit": 1}),
+        ] {
+            let (status, answer) = desk
+                .admin_send(Method::POST, "/admin/billing/rates", body.clone())
+                .await;
+            assert_eq!((status, code(&answer)), (409, "RATE_TAKEN"), "{body}");
+        }
+        assert_eq!(desk.audit_count().await, audits, "nothing written");
+
+        // A per-model rate prices usage at once on this replica.
+        let (status, body) = desk
+            .admin_send(
+                Method::POST,
+                "/admin/billing/rates",
+                json!({"meter": "ai_tokens", "model": "llama-3", "credits_per_unit": 3.5,
+                    "description": "Llama 3, per 1M tokens"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let rate = body["data"].clone();
+        assert_eq!(
+            (
+                rate["unit"].as_str(),
+                rate["credits_per_unit"].as_f64(),
+                rate["active"].as_bool()
+            ),
+            (Some("1M tokens"), Some(3.5), Some(true))
+        );
+        let id = rate["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            charged(&desk, 0, org, "llama-3", "k1").await,
+            3 * CR + CR / 2
+        );
+
+        // Repriced: here at once, on the other replica within its refresh.
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                &format!("/admin/billing/rates/{id}"),
+                json!({"credits_per_unit": 4}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["data"]["description"], "Llama 3, per 1M tokens",
+            "partial"
+        );
+        assert_eq!(charged(&desk, 0, org, "llama-3", "k2").await, 4 * CR);
+        if replicas > 1 {
+            let mut seen = 0;
+            for n in 0..100 {
+                seen = charged(&desk, 1, org, "llama-3", &format!("poll-{n}")).await;
+                if seen == 4 * CR {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            assert_eq!(seen, 4 * CR, "the other replica prices with the new rate");
+        }
+
+        // The defaults stay; meter and model do not change; unknown ids.
+        let (_, all) = desk.admin_get("/admin/billing/rates").await;
+        let default_id = all["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["meter"] == "ai_tokens" && r["model"].is_null())
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let at = |id: &str| format!("/admin/billing/rates/{id}");
+        let (status, body) = desk
+            .admin_send(Method::PUT, &at(&default_id), json!({"active": false}))
+            .await;
+        assert_eq!(
+            (status, code(&body)),
+            (409, "DEFAULT_RATE_REQUIRED"),
+            "{body}"
+        );
+        let (status, body) = desk
+            .call(0, Method::DELETE, &at(&default_id), &desk.admin(), None)
+            .await;
+        assert_eq!(
+            (status, code(&body)),
+            (409, "DEFAULT_RATE_REQUIRED"),
+            "{body}"
+        );
+        let (status, body) = desk
+            .admin_send(Method::PUT, &at(&id), json!({"model": "other"}))
+            .await;
+        assert_eq!((status, code(&body)), (400, "INVALID_ARGUMENT"), "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("model"),
+            "{body}"
+        );
+        let (status, body) = desk
+            .admin_send(Method::PUT, &at("rate-404"), json!({"credits_per_unit": 1}))
+            .await;
+        assert_eq!((status, code(&body)), (404, "RATE_NOT_FOUND"), "{body}");
+
+        // Switched off, a model falls back to the default (and leaves the
+        // public listing); removed, likewise.
+        let (_, public) = desk.admin_get("/credits/rates").await;
+        let listed = |public: &Value, model: &str| {
+            public["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["model"] == model)
+        };
+        assert!(listed(&public, "gpt-4o"));
+        let gpt = all["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"] == "gpt-4o")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (status, _) = desk
+            .admin_send(Method::PUT, &at(&gpt), json!({"active": false}))
+            .await;
+        assert_eq!(status, 200);
+        let (_, public) = desk.admin_get("/credits/rates").await;
+        assert!(!listed(&public, "gpt-4o"));
+        assert_eq!(charged(&desk, 0, org, "gpt-4o", "k3").await, 2 * CR);
+        let (status, body) = desk
+            .call(0, Method::DELETE, &at(&id), &desk.admin(), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(charged(&desk, 0, org, "llama-3", "k4").await, 2 * CR);
+        let (status, body) = desk
+            .call(0, Method::DELETE, &at(&id), &desk.admin(), None)
+            .await;
+        assert_eq!((status, code(&body)), (404, "RATE_NOT_FOUND"), "{body}");
+
+        // Over gRPC: list, reprice a default, refuse to remove one.
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(desk.t.channel().await);
+        let token = desk.admin();
+        let rates = admin
+            .list_rates(authed(&token, pb::AdminListRatesRequest {}))
+            .await?
+            .into_inner()
+            .rates;
+        assert_eq!(rates.len(), 5, "five seeded, one added, one removed");
+        let repriced = admin
+            .update_rate(authed(
+                &token,
+                pb::UpdateRateRequest {
+                    id: default_id.clone(),
+                    credits_per_unit_micros: Some(3 * CR),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner()
+            .rate
+            .unwrap();
+        assert_eq!(repriced.credits_per_unit_micros, 3 * CR);
+        assert_eq!(charged(&desk, 0, org, "no-such-model", "k5").await, 3 * CR);
+        let refused = admin
+            .delete_rate(authed(
+                &token,
+                pb::DeleteRateRequest {
+                    id: default_id.clone(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(reason(&refused), "DEFAULT_RATE_REQUIRED");
+
+        for (action, n) in [("rate.create", 1), ("rate.update", 3), ("rate.delete", 1)] {
+            let (_, log) = desk
+                .admin_get(&format!("/admin/audit?action={action}"))
+                .await;
+            assert_eq!(log["pagination"]["total"], n, "{action}: {log}");
+        }
+        let (_, log) = desk.admin_get("/admin/audit?action=rate.delete").await;
+        let entry = &log["data"][0];
+        assert_eq!(entry["before"]["model"], "llama-3", "{entry}");
+        assert!(entry["after"].is_null(), "{entry}");
+        invariants::check(&desk.t.server.state.db, desk.clock.now()).await;
         desk.close().await;
     }
     Ok(())

@@ -411,6 +411,7 @@ async fn run_case(backend: Backend, steps: Vec<Step>) {
         Arc::new(clock.clone()),
         stop.clone(),
         billing::ledger::engine::DEFAULT_QUEUE_DEPTH,
+        std::time::Duration::from_secs(30),
     )
     .await
     .expect("ledger");

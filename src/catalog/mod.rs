@@ -7,6 +7,7 @@
 
 pub mod packs;
 pub mod plans;
+pub mod rates;
 mod seed;
 
 use chrono::{DateTime, Utc};

@@ -335,3 +335,127 @@ pub async fn update_pack(
         .into_inner();
     Ok(envelope::ok(r.pack.map(pack_json)))
 }
+
+/// A rate as admins see it: switched-off rates included; `model` null for
+/// the meter's default rate; `credits_per_unit` in credits.
+#[derive(Serialize)]
+struct AdminRateJson {
+    id: String,
+    meter: String,
+    unit: String,
+    model: Option<String>,
+    credits_per_unit: Num,
+    description: String,
+    active: bool,
+}
+
+fn rate_json(r: pb::Rate) -> AdminRateJson {
+    AdminRateJson {
+        id: r.id,
+        meter: r.meter,
+        unit: r.unit,
+        model: r.model,
+        credits_per_unit: Num::credits(r.credits_per_unit_micros),
+        description: r.description,
+        active: r.active,
+    }
+}
+
+pub async fn list_rates(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .list_rates(grpc_request(&headers, pb::AdminListRatesRequest {}))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(
+        r.rates.into_iter().map(rate_json).collect::<Vec<_>>(),
+    ))
+}
+
+/// A rate's fields; `credits_per_unit` is a JSON number of credits (up to
+/// 6 decimals). `meter` and `model` are for creation only.
+#[derive(Deserialize, Default)]
+pub struct RateBody {
+    meter: Option<String>,
+    model: Option<String>,
+    credits_per_unit: Option<Box<serde_json::value::RawValue>>,
+    description: Option<String>,
+    active: Option<bool>,
+}
+
+impl RateBody {
+    fn credits_per_unit_micros(&self) -> Result<Option<i64>, super::ApiError> {
+        self.credits_per_unit
+            .as_deref()
+            .map(|raw| credits::credits_field("credits_per_unit", raw))
+            .transpose()
+    }
+}
+
+pub async fn create_rate(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<RateBody>,
+) -> ApiResult {
+    let Some(meter) = b.meter.clone() else {
+        return Err(crate::error::Error::invalid("meter", "is required").into());
+    };
+    let Some(credits_per_unit_micros) = b.credits_per_unit_micros()? else {
+        return Err(crate::error::Error::invalid("credits_per_unit", "is required").into());
+    };
+    let request = pb::CreateRateRequest {
+        meter,
+        model: b.model,
+        credits_per_unit_micros,
+        description: b.description,
+        active: b.active,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .create_rate(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.rate.map(rate_json)))
+}
+
+pub async fn update_rate(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<RateBody>,
+) -> ApiResult {
+    for (given, field) in [(b.meter.is_some(), "meter"), (b.model.is_some(), "model")] {
+        if given {
+            return Err(crate::error::Error::invalid(
+                field,
+                "cannot change: create a rate for the other meter or model",
+            )
+            .into());
+        }
+    }
+    let request = pb::UpdateRateRequest {
+        id,
+        credits_per_unit_micros: b.credits_per_unit_micros()?,
+        description: b.description,
+        active: b.active,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .update_rate(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.rate.map(rate_json)))
+}
+
+pub async fn delete_rate(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .delete_rate(grpc_request(&headers, pb::DeleteRateRequest { id }))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.rate.map(rate_json)))
+}

@@ -563,6 +563,49 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
         (
             doc(
                 "GET",
+                "/admin/billing/rates",
+                "Every usage rate, switched-off ones included",
+                Admin,
+                "Admin",
+            )
+            .list(),
+            get(admin::list_rates),
+        ),
+        (
+            doc(
+                "POST",
+                "/admin/billing/rates",
+                "Create a usage rate (no model: the meter's default)",
+                Admin,
+                "Admin",
+            )
+            .body("RateBody"),
+            post(admin::create_rate),
+        ),
+        (
+            doc(
+                "PUT",
+                "/admin/billing/rates/{id}",
+                "Reprice, describe or switch off a usage rate",
+                Admin,
+                "Admin",
+            )
+            .body("RateBody"),
+            axum::routing::put(admin::update_rate),
+        ),
+        (
+            doc(
+                "DELETE",
+                "/admin/billing/rates/{id}",
+                "Remove a per-model rate (a meter's default stays)",
+                Admin,
+                "Admin",
+            ),
+            axum::routing::delete(admin::delete_rate),
+        ),
+        (
+            doc(
+                "GET",
                 "/admin/billing/coupons",
                 "Coupons with their redemption counts",
                 Admin,

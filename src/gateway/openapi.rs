@@ -317,6 +317,17 @@ fn schemas() -> Value {
                 "creem_product_id": { "type": "string", "maxLength": 255 }
             }
         },
+        "RateBody": {
+            "type": "object",
+            "description": "On POST `meter` and `credits_per_unit` are required; on PUT `meter` and `model` cannot be given.",
+            "properties": {
+                "meter": { "type": "string", "enum": ["storage_egress", "ai_tokens"] },
+                "model": { "type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9._:/-]+$", "description": "Omit for the meter's default rate" },
+                "credits_per_unit": { "type": "number", "minimum": 0, "maximum": 1_000_000_000_000_i64, "multipleOf": 0.000001, "description": "Credits one unit (1 GB, 1M tokens) costs" },
+                "description": { "type": "string", "maxLength": 255 },
+                "active": { "type": "boolean", "description": "A default rate cannot be switched off" }
+            }
+        },
         "CouponBody": {
             "type": "object", "required": ["code", "kind", "value"],
             "properties": {

@@ -10,6 +10,7 @@ use crate::{
         self,
         packs::{self, PackInput},
         plans::{self, PlanInput},
+        rates::{self, RateInput},
     },
     checkin, coupons,
     domain::MICROS_PER_CREDIT,
@@ -320,6 +321,82 @@ impl pb::admin_service_server::AdminService for AdminApi {
             entries: rows.into_iter().map(convert::audit_entry).collect(),
             page: Some(page),
         }))
+    }
+
+    async fn list_rates(
+        &self,
+        _request: Request<pb::AdminListRatesRequest>,
+    ) -> Result<Response<pb::AdminListRatesResponse>, Status> {
+        let rows = rates::list_all(&self.state.db).await?;
+        Ok(Response::new(pb::AdminListRatesResponse {
+            rates: rows.into_iter().map(convert::rate).collect(),
+        }))
+    }
+
+    async fn create_rate(
+        &self,
+        request: Request<pb::CreateRateRequest>,
+    ) -> Result<Response<pb::RateResponse>, Status> {
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let input = RateInput {
+            meter: Some(r.meter),
+            model: r.model,
+            credits_per_unit_micros: Some(r.credits_per_unit_micros),
+            description: r.description,
+            active: r.active,
+        };
+        let rate = rates::create(&self.state.db, &actor, &input, self.state.clock.now()).await?;
+        self.repriced().await;
+        Ok(Response::new(pb::RateResponse {
+            rate: Some(convert::rate(rate)),
+        }))
+    }
+
+    async fn update_rate(
+        &self,
+        request: Request<pb::UpdateRateRequest>,
+    ) -> Result<Response<pb::RateResponse>, Status> {
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let id = input::required("id", &r.id, 64)?;
+        let input = RateInput {
+            meter: None,
+            model: None,
+            credits_per_unit_micros: r.credits_per_unit_micros,
+            description: r.description,
+            active: r.active,
+        };
+        let rate =
+            rates::update(&self.state.db, &actor, &id, &input, self.state.clock.now()).await?;
+        self.repriced().await;
+        Ok(Response::new(pb::RateResponse {
+            rate: Some(convert::rate(rate)),
+        }))
+    }
+
+    async fn delete_rate(
+        &self,
+        request: Request<pb::DeleteRateRequest>,
+    ) -> Result<Response<pb::RateResponse>, Status> {
+        let actor = caller(&request)?.sub.clone();
+        let id = input::required("id", &request.get_ref().id, 64)?;
+        let rate = rates::delete(&self.state.db, &actor, &id, self.state.clock.now()).await?;
+        self.repriced().await;
+        Ok(Response::new(pb::RateResponse {
+            rate: Some(convert::rate(rate)),
+        }))
+    }
+}
+
+impl AdminApi {
+    /// A rate changed: this replica prices with it at once (the others at
+    /// their next periodic reload). The change is committed whatever
+    /// happens here; a failed reload is retried by the periodic one.
+    async fn repriced(&self) {
+        if let Err(e) = self.state.ledger.reload_rates().await {
+            tracing::warn!(error = %e, "could not reload rates after a change");
+        }
     }
 }
 

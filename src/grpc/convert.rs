@@ -53,6 +53,7 @@ pub fn rate(r: rate::Model) -> pb::Rate {
         model: (!r.model.is_empty()).then_some(r.model),
         credits_per_unit_micros: r.credits_per_unit_micros,
         description: r.description,
+        active: r.active,
     }
 }
 

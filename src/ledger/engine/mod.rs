@@ -153,6 +153,7 @@ impl Ledger {
         clock: SharedClock,
         shutdown: CancellationToken,
         queue_depth: usize,
+        rate_refresh: Duration,
     ) -> Result<Self> {
         let database_url = database_url.to_owned();
         let database_url_for_listener = database_url.clone();
@@ -256,7 +257,7 @@ impl Ledger {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    () = tokio::time::sleep(rate_refresh) => {}
                 }
                 if let Err(e) = reloader.reload_rates().await {
                     tracing::warn!(error = %e, "could not reload rates");
