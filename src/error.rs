@@ -32,6 +32,8 @@ pub enum Error {
     PackNotFound,
     #[error("plan not found")]
     PlanNotFound,
+    #[error("coupon not found")]
+    CouponNotFound,
     #[error("order not found")]
     OrderNotFound,
     #[error("reservation not found")]
@@ -132,6 +134,7 @@ impl Error {
             Self::CreditsNotEnabled => "CREDITS_NOT_ENABLED",
             Self::PackNotFound => "PACK_NOT_FOUND",
             Self::PlanNotFound => "PLAN_NOT_FOUND",
+            Self::CouponNotFound => "COUPON_NOT_FOUND",
             Self::OrderNotFound => "ORDER_NOT_FOUND",
             Self::ReservationNotFound => "RESERVATION_NOT_FOUND",
             Self::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
@@ -168,6 +171,7 @@ impl Error {
             Self::PermissionDenied(_) | Self::SubscriptionRequired => Code::PermissionDenied,
             Self::PackNotFound
             | Self::PlanNotFound
+            | Self::CouponNotFound
             | Self::OrderNotFound
             | Self::ReservationNotFound
             | Self::RateNotFound => Code::NotFound,
@@ -234,6 +238,7 @@ impl Error {
             | Self::CreditsNotEnabled
             | Self::PackNotFound
             | Self::PlanNotFound
+            | Self::CouponNotFound
             | Self::OrderNotFound
             | Self::ReservationNotFound
             | Self::IdempotencyKeyReused

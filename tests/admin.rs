@@ -820,6 +820,77 @@ async fn admin_coupons_are_validated_unique_and_audited() -> R {
         assert_eq!(log["pagination"]["total"], 2);
         assert_eq!(log["data"][1]["after"]["code"], "SPRING-10");
         assert_eq!(log["data"][1]["target"], "SPRING-10");
+
+        // Updates: switch off, limit, expiry; never code, kind or value.
+        let id = c["id"].as_str().unwrap().to_string();
+        let path = format!("/admin/billing/coupons/{id}");
+        for (body, field) in [
+            (json!({"code": "OTHER"}), "code"),
+            (json!({"value": 50}), "value"),
+            (json!({"max_redemptions": 0}), "max_redemptions"),
+            (json!({"expires_at": past}), "expires_at"),
+            (json!({"active": "no"}), "active"),
+        ] {
+            let (status, answer) = desk.admin_send(Method::PUT, &path, body.clone()).await;
+            assert_eq!((status, code(&answer)), (400, "INVALID_ARGUMENT"), "{body}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(field),
+                "{body} → {answer}"
+            );
+        }
+        let (status, answer) = desk
+            .admin_send(
+                Method::PUT,
+                "/admin/billing/coupons/coupon-nope",
+                json!({"active": false}),
+            )
+            .await;
+        assert_eq!((status, code(&answer)), (404, "COUPON_NOT_FOUND"));
+        assert_eq!(desk.audit_count().await, 2, "refused updates write nothing");
+        let (status, body) = desk
+            .admin_send(
+                Method::PUT,
+                &path,
+                json!({"active": false, "max_redemptions": 10}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let u = &body["data"];
+        assert_eq!(
+            (
+                u["code"].clone(),
+                u["value"].clone(),
+                u["active"].clone(),
+                u["max_redemptions"].clone(),
+                u["expires_at"].clone()
+            ),
+            (
+                json!("SPRING-10"),
+                json!(10),
+                json!(false),
+                json!(10),
+                c["expires_at"].clone()
+            ),
+            "only the fields given change"
+        );
+        let switched_on = admin
+            .update_coupon(authed(
+                &desk.admin(),
+                pb::UpdateCouponRequest {
+                    id: made.id.clone(),
+                    active: Some(true),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner()
+            .coupon
+            .unwrap();
+        assert_eq!((switched_on.active, switched_on.value), (true, 50));
+        let (_, log) = desk.admin_get("/admin/audit?action=coupon.update").await;
+        assert_eq!(log["pagination"]["total"], 2);
+        assert_eq!(log["data"][1]["before"]["active"], true);
+        assert_eq!(log["data"][1]["after"]["active"], false);
         desk.close().await;
     }
     Ok(())

@@ -615,6 +615,7 @@ async fn openapi_documents_every_contract_route() -> R {
         ("put", "/admin/billing/plans/{id}"),
         ("get", "/admin/billing/coupons"),
         ("post", "/admin/billing/coupons"),
+        ("put", "/admin/billing/coupons/{id}"),
         ("get", "/admin/credits/transactions"),
         ("post", "/admin/credits/manual"),
         ("get", "/admin/checkin/config"),

@@ -7,8 +7,9 @@
 //! `bonus_credits` (value in whole credits granted with the payment). Codes
 //! are letters, digits, `_` and `-`, stored upper-case, so they are unique
 //! whatever the case they are typed in (`409 COUPON_CODE_TAKEN`, the unique
-//! index deciding when two creations race). Every creation is audited in
-//! its own transaction.
+//! index deciding when two creations race). An update switches a coupon on
+//! or off or changes its limit or expiry, never its code, kind or value.
+//! Every write is audited in its own transaction.
 
 pub mod redeem;
 pub mod rule;
@@ -144,6 +145,65 @@ pub async fn create(
     .await?;
     txn.commit().await?;
     Ok(created)
+}
+
+/// What an update may change: whether the coupon is usable, its limit and
+/// its expiry. Code, kind and value stay, so that every order priced with
+/// the coupon is redeemed on the terms it was priced with.
+#[derive(Debug, Clone, Default)]
+pub struct CouponChange {
+    pub active: Option<bool>,
+    pub max_redemptions: Option<i32>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Changes coupon `id` (`404 COUPON_NOT_FOUND`), audited. A limit below
+/// the redemptions already made leaves the coupon used up; redemptions
+/// already made are never undone.
+pub async fn update(
+    db: &DatabaseConnection,
+    actor: &str,
+    id: &str,
+    change: &CouponChange,
+    now: DateTime<Utc>,
+) -> Result<coupon::Model> {
+    if change.max_redemptions.is_some_and(|n| n < 1) {
+        return Err(Error::invalid("max_redemptions", "must be at least 1"));
+    }
+    if change.expires_at.is_some_and(|t| t <= now) {
+        return Err(Error::invalid("expires_at", "must be in the future"));
+    }
+    let txn = db.begin().await?;
+    let Some(before) = coupon::Entity::find_by_id(id).one(&txn).await? else {
+        return Err(Error::CouponNotFound);
+    };
+    let mut row: coupon::ActiveModel = before.clone().into();
+    if let Some(v) = change.active {
+        row.active = Set(v);
+    }
+    if let Some(v) = change.max_redemptions {
+        row.max_redemptions = Set(Some(v));
+    }
+    if let Some(v) = change.expires_at {
+        row.expires_at = Set(Some(v));
+    }
+    let after = row.update(&txn).await?;
+    audit::record(
+        &txn,
+        audit::Change {
+            actor,
+            action: "coupon.update",
+            target_org: None,
+            target: &after.code,
+            reason: "",
+            before: snapshot(&before),
+            after: snapshot(&after),
+        },
+        now,
+    )
+    .await?;
+    txn.commit().await?;
+    Ok(after)
 }
 
 /// Every coupon, newest first.

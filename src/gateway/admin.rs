@@ -213,6 +213,40 @@ pub async fn create_coupon(
     Ok(envelope::ok(r.coupon.map(coupon_json)))
 }
 
+/// What `PUT /admin/billing/coupons/{id}` may change; a code, kind or
+/// value in the body is refused by name rather than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CouponUpdateBody {
+    #[serde(default)]
+    active: Option<bool>,
+    #[serde(default)]
+    max_redemptions: Option<i32>,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+pub async fn update_coupon(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<CouponUpdateBody>,
+) -> ApiResult {
+    let expires_at = credits::rfc3339_field("expires_at", b.expires_at.as_deref())?;
+    let request = pb::UpdateCouponRequest {
+        id,
+        active: b.active,
+        max_redemptions: b.max_redemptions,
+        expires_at,
+    };
+    let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
+    let r = client
+        .update_coupon(grpc_request(&headers, request))
+        .await?
+        .into_inner();
+    Ok(envelope::ok(r.coupon.map(coupon_json)))
+}
+
 /// A pack as admins see it: every field, inactive packs included; `price`
 /// in currency units as on the public listing.
 #[derive(Serialize)]

@@ -627,6 +627,17 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
         ),
         (
             doc(
+                "PUT",
+                "/admin/billing/coupons/{id}",
+                "Switch a coupon on or off, change its limit or expiry",
+                Admin,
+                "Admin",
+            )
+            .body("CouponUpdateBody"),
+            axum::routing::put(admin::update_coupon),
+        ),
+        (
+            doc(
                 "GET",
                 "/admin/credits/transactions",
                 "Ledger rows of any organization",

@@ -339,6 +339,15 @@ fn schemas() -> Value {
                 "active": { "type": "boolean" }
             }
         },
+        "CouponUpdateBody": {
+            "type": "object", "additionalProperties": false,
+            "description": "Only the fields given change; code, kind and value cannot",
+            "properties": {
+                "active": { "type": "boolean" },
+                "max_redemptions": { "type": "integer", "minimum": 1, "maximum": 2_147_483_647 },
+                "expires_at": { "type": "string", "format": "date-time", "description": "In the future" }
+            }
+        },
         "ManualBody": {
             "type": "object", "required": ["org_id", "amount", "reason"],
             "properties": {

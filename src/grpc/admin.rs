@@ -192,6 +192,29 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }))
     }
 
+    async fn update_coupon(
+        &self,
+        request: Request<pb::UpdateCouponRequest>,
+    ) -> Result<Response<pb::CouponResponse>, Status> {
+        let actor = caller(&request)?.sub.clone();
+        let r = request.into_inner();
+        let id = input::required("id", &r.id, 64)?;
+        let expires_at = match &r.expires_at {
+            Some(t) => Some(input::timestamp("expires_at", t)?),
+            None => None,
+        };
+        let change = coupons::CouponChange {
+            active: r.active,
+            max_redemptions: r.max_redemptions,
+            expires_at,
+        };
+        let c =
+            coupons::update(&self.state.db, &actor, &id, &change, self.state.clock.now()).await?;
+        Ok(Response::new(pb::CouponResponse {
+            coupon: Some(convert::coupon(c)),
+        }))
+    }
+
     async fn list_transactions(
         &self,
         request: Request<pb::AdminListTransactionsRequest>,
