@@ -1353,3 +1353,51 @@ async fn admin_rates_are_validated_keep_a_default_and_reprice_every_replica() ->
     }
     Ok(())
 }
+
+/// Every admin write refuses a body that is empty, not JSON or not an
+/// object with a 400 that says what is wrong, and writes nothing.
+#[tokio::test]
+async fn every_admin_write_refuses_an_empty_or_shapeless_body() -> R {
+    for backend in backends() {
+        let desk = Desk::open(backend, 1).await;
+        let routes = [
+            (reqwest::Method::POST, "/admin/billing/plans"),
+            (reqwest::Method::PUT, "/admin/billing/plans/sub-pro"),
+            (reqwest::Method::POST, "/admin/billing/coupons"),
+            (reqwest::Method::PUT, "/admin/billing/coupons/coupon-x"),
+            (reqwest::Method::POST, "/admin/billing/packs"),
+            (reqwest::Method::PUT, "/admin/billing/packs/pack-1"),
+            (reqwest::Method::POST, "/admin/billing/rates"),
+            (reqwest::Method::PUT, "/admin/billing/rates/rate-ai-tokens"),
+            (reqwest::Method::PUT, "/admin/checkin/config"),
+            (reqwest::Method::POST, "/admin/credits/manual"),
+        ];
+        for (method, path) in routes {
+            for raw in ["", "{", "[]", "\"plan\"", "null", "42"] {
+                let r = desk
+                    .t
+                    .http
+                    .request(method.clone(), desk.t.rest(path))
+                    .bearer_auth(desk.admin())
+                    .header("content-type", "application/json")
+                    .body(raw)
+                    .send()
+                    .await?;
+                let status = r.status().as_u16();
+                let answer: Value = r.json().await?;
+                assert_eq!(
+                    (status, code(&answer)),
+                    (400, "INVALID_ARGUMENT"),
+                    "{method} {path} with body {raw:?} → {answer}"
+                );
+                assert!(
+                    !answer["message"].as_str().unwrap_or("").is_empty(),
+                    "{method} {path} {raw:?}: the error says what is wrong"
+                );
+            }
+        }
+        assert_eq!(desk.audit_count().await, 0, "nothing written");
+        desk.close().await;
+    }
+    Ok(())
+}

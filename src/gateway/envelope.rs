@@ -5,8 +5,9 @@
 
 use axum::{
     Json,
+    body::Bytes,
     extract::{FromRequest, Request, rejection::JsonRejection},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
     response::{IntoResponse, Response},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -177,9 +178,11 @@ impl IntoResponse for ApiError {
 
 pub type ApiResult = Result<Response, ApiError>;
 
-/// `Json<T>` whose rejections are answered in the error envelope: 415 for a
-/// wrong content type, 413 for an oversized body, 400 naming the field for
-/// malformed JSON or a wrong type.
+/// A JSON object body, deserialized into `T`, whose rejections are
+/// answered in the error envelope: 415 for a wrong content type, 413 for an
+/// oversized body, 400 naming the field for malformed JSON or a wrong type,
+/// and 400 for a body that is empty or not an object (serde alone would take
+/// `[]` or `["X", 10]` for a struct, field by position).
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
@@ -190,11 +193,50 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "expected Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| json_rejection(JsonRejection::BytesRejection(e)))?;
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => {}
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_ARGUMENT",
+                    "body: is empty; expected a JSON object",
+                ));
+            }
+            Some(_) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_ARGUMENT",
+                    "body: expected a JSON object",
+                ));
+            }
+        }
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// `application/json` or any `application/*+json`, parameters allowed.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+        .is_some_and(|m| {
+            m.type_() == "application"
+                && (m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json"))
+        })
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
