@@ -640,6 +640,26 @@ async fn openapi_documents_every_contract_route() -> R {
             "{method} {path} is not documented"
         );
     }
+    // Every status a route answers is documented, in the shape it has.
+    let statuses = |method: &str, path: &str| -> Vec<String> {
+        doc["paths"][path][method]["responses"]
+            .as_object()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let info = statuses("get", "/user/credits/info");
+    assert!(info.contains(&"402".to_owned()) && !info.contains(&"401".to_owned()));
+    for status in ["404", "409", "413", "415", "401", "403", "400", "503"] {
+        assert!(
+            statuses("put", "/admin/billing/plans/{id}").contains(&status.to_owned()),
+            "PUT /admin/billing/plans/{{id}} documents {status}"
+        );
+    }
+    assert!(statuses("post", "/credits/packs/buy").contains(&"429".to_owned()));
+    assert_eq!(
+        doc["components"]["schemas"]["PlanCreateBody"]["required"],
+        serde_json::json!(["code", "name"])
+    );
     assert!(doc["paths"]["/credits/balance"]["get"]["security"].is_array());
     assert!(doc["paths"]["/credits/packs"]["get"]["security"].is_null());
     t.stop().await;

@@ -682,6 +682,7 @@ async fn credits_routes_over_rest() -> R {
             "limit=101",
             "limit=abc",
             "offset=-1",
+            "offset=2836940197792884736",
             "type=bogus",
         ] {
             let (status, body) = json_of(
@@ -696,6 +697,13 @@ async fn credits_routes_over_rest() -> R {
                 (400, Some("INVALID_ARGUMENT")),
                 "{query}"
             );
+            let message = body["message"].as_str().unwrap_or_default();
+            let expected = match query {
+                "limit=abc" => "is not an integer",
+                "offset=2836940197792884736" => "out of range",
+                _ => "",
+            };
+            assert!(message.contains(expected), "{query}: {message}");
         }
 
         let (_, body) = json_of(

@@ -23,11 +23,23 @@ pub(super) type Params = Query<HashMap<String, String>>;
 fn int_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i32>, ApiError> {
     match params.get(name).map(|v| v.trim()) {
         None | Some("") => Ok(None),
-        Some(v) => v
-            .parse::<i32>()
-            .map(Some)
-            .map_err(|_| Error::invalid(name, format!("`{v}` is not an integer")).into()),
+        Some(v) => match v.parse::<i32>() {
+            Ok(n) => Ok(Some(n)),
+            // A well-formed integer past what the parameter can be.
+            Err(_) if is_integer(v) => Err(Error::invalid(
+                name,
+                format!("`{v}` is out of range (at most {})", i32::MAX),
+            )
+            .into()),
+            Err(_) => Err(Error::invalid(name, format!("`{v}` is not an integer")).into()),
+        },
     }
+}
+
+/// Digits, optionally after a minus sign.
+fn is_integer(v: &str) -> bool {
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 pub(super) fn text_param(params: &HashMap<String, String>, name: &str) -> Option<String> {

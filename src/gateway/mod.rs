@@ -394,7 +394,16 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Credits",
             )
-            .body("BuyPackBody"),
+            .body("BuyPackBody")
+            .errors(&[
+                (403, "SUBSCRIPTION_REQUIRED"),
+                (404, "PACK_NOT_FOUND"),
+                (409, "PACK_LIMIT_REACHED"),
+                (
+                    429,
+                    "PURCHASE_COOLDOWN (with retry_after, cooldown_seconds)",
+                ),
+            ]),
             post(payments::buy_pack),
         ),
         (
@@ -404,7 +413,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Credits with per-lot breakdown and active subscription (un-enveloped)",
                 User,
                 "Credits",
-            ),
+            )
+            .seed_errors(),
             get(credits::user_credit_info),
         ),
         (
@@ -420,7 +430,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
             get(payments::list_orders),
         ),
         (
-            doc("GET", "/orders/{id}", "One order", User, "Orders"),
+            doc("GET", "/orders/{id}", "One order", User, "Orders")
+                .errors(&[(404, "ORDER_NOT_FOUND")]),
             get(payments::get_order),
         ),
         (
@@ -447,7 +458,10 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
             post(payments::portal),
         ),
         (
-            doc("POST", "/checkin", "Daily check-in", User, "Check-in"),
+            doc("POST", "/checkin", "Daily check-in", User, "Check-in").errors(&[
+                (409, "ALREADY_CHECKED_IN"),
+                (429, "RESOURCE_EXHAUSTED: the ledger is overloaded; retry"),
+            ]),
             post(checkin::checkin),
         ),
         (
@@ -468,7 +482,13 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Payment",
             )
-            .body("CreateSessionBody"),
+            .body("CreateSessionBody")
+            .errors(&[
+                (403, "SUBSCRIPTION_REQUIRED"),
+                (404, "PLAN_NOT_FOUND, PACK_NOT_FOUND"),
+                (409, "PACK_LIMIT_REACHED"),
+                (429, "PURCHASE_COOLDOWN"),
+            ]),
             post(payments::create_session),
         ),
         (
@@ -513,7 +533,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PlanBody"),
+            .body("PlanCreateBody")
+            .errors(&[(409, "PLAN_CODE_TAKEN")]),
             post(admin::create_plan),
         ),
         (
@@ -524,7 +545,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PlanBody"),
+            .body("PlanBody")
+            .errors(&[(404, "PLAN_NOT_FOUND"), (409, "PLAN_CODE_TAKEN")]),
             axum::routing::put(admin::update_plan),
         ),
         (
@@ -546,7 +568,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PackBody"),
+            .body("PackCreateBody")
+            .errors(&[(409, "PACK_CODE_TAKEN")]),
             post(admin::create_pack),
         ),
         (
@@ -557,7 +580,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PackBody"),
+            .body("PackBody")
+            .errors(&[(404, "PACK_NOT_FOUND"), (409, "PACK_CODE_TAKEN")]),
             axum::routing::put(admin::update_pack),
         ),
         (
@@ -579,7 +603,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("RateBody"),
+            .body("RateCreateBody")
+            .errors(&[(409, "RATE_TAKEN")]),
             post(admin::create_rate),
         ),
         (
@@ -590,7 +615,11 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("RateBody"),
+            .body("RateBody")
+            .errors(&[
+                (404, "RATE_NOT_FOUND"),
+                (409, "RATE_TAKEN, DEFAULT_RATE_REQUIRED"),
+            ]),
             axum::routing::put(admin::update_rate),
         ),
         (
@@ -600,7 +629,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Remove a per-model rate (a meter's default stays)",
                 Admin,
                 "Admin",
-            ),
+            )
+            .errors(&[(404, "RATE_NOT_FOUND"), (409, "DEFAULT_RATE_REQUIRED")]),
             axum::routing::delete(admin::delete_rate),
         ),
         (
@@ -622,7 +652,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("CouponBody"),
+            .body("CouponBody")
+            .errors(&[(409, "COUPON_CODE_TAKEN")]),
             post(admin::create_coupon),
         ),
         (
@@ -633,7 +664,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("CouponUpdateBody"),
+            .body("CouponUpdateBody")
+            .errors(&[(404, "COUPON_NOT_FOUND")]),
             axum::routing::put(admin::update_coupon),
         ),
         (
@@ -656,7 +688,11 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("ManualBody"),
+            .body("ManualBody")
+            .errors(&[
+                (409, "INSUFFICIENT_CREDITS, IDEMPOTENCY_KEY_REUSED"),
+                (429, "RESOURCE_EXHAUSTED: the ledger is overloaded; retry"),
+            ]),
             post(credits::manual),
         ),
         (

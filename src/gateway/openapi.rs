@@ -26,6 +26,11 @@ pub struct RouteDoc {
     pub data: Option<&'static str>,
     pub list: bool,
     pub raw_response: bool,
+    /// Statuses beyond the ones every route of its kind can answer, each
+    /// with the error codes it carries.
+    pub errors: &'static [(u16, &'static str)],
+    /// Errors in seed 003's `{"error": CODE}` shape, a bad token as 402.
+    pub seed_errors: bool,
 }
 
 impl RouteDoc {
@@ -48,7 +53,21 @@ impl RouteDoc {
             data: None,
             list: false,
             raw_response: false,
+            errors: &[],
+            seed_errors: false,
         }
+    }
+
+    /// Statuses this route answers beyond the common ones.
+    pub fn errors(mut self, errors: &'static [(u16, &'static str)]) -> Self {
+        self.errors = errors;
+        self
+    }
+
+    /// Errors as `{"error": CODE}`, a missing or bad token as 402.
+    pub fn seed_errors(mut self) -> Self {
+        self.seed_errors = true;
+        self
     }
 
     pub fn query(mut self, names: &'static [&'static str]) -> Self {
@@ -98,7 +117,7 @@ fn query_param(name: &str) -> Value {
             "Rows per page",
         ),
         "offset" => (
-            json!({"type": "integer", "minimum": 0, "default": 0}),
+            json!({"type": "integer", "minimum": 0, "maximum": 2_147_483_647, "default": 0}),
             "Rows to skip",
         ),
         "months" => (
@@ -175,30 +194,80 @@ fn operation(doc: &RouteDoc) -> Value {
             "content": { "application/json": { "schema": { "type": "object", "properties": props } } }
         })
     };
-    let error = json!({ "content": { "application/json": { "schema": schema_ref("Error") } } });
+    let error_schema = if doc.seed_errors {
+        "SeedError"
+    } else {
+        "Error"
+    };
+    let error =
+        json!({ "content": { "application/json": { "schema": schema_ref(error_schema) } } });
     let mut responses = Map::new();
     responses.insert("200".into(), ok);
-    let mut add_error = |code: &str, description: &str| {
+    let mut add_error = |code: u16, description: &str| {
         let mut e = error.clone();
         if let Some(obj) = e.as_object_mut() {
             obj.insert("description".into(), description.into());
         }
-        responses.insert(code.into(), e);
+        responses.insert(code.to_string(), e);
     };
     if !doc.raw_response {
-        add_error("400", "Invalid input or a failed business rule");
-        add_error("500", "Internal error");
+        add_error(
+            400,
+            "Invalid input (the message names the field) or a failed business rule",
+        );
+        add_error(500, "Internal error");
+        add_error(
+            503,
+            "The database or a payment provider is unreachable, or the service is shutting down; retry",
+        );
+    }
+    if doc.body.is_some() {
+        add_error(413, "PAYLOAD_TOO_LARGE: the body is over 1 MiB");
+        add_error(
+            415,
+            "UNSUPPORTED_MEDIA_TYPE: the body is not sent as application/json",
+        );
     }
     if doc.access != Access::Public {
-        add_error("401", "Missing, invalid or expired token");
-        add_error("403", "The token's role may not call this route");
+        if doc.seed_errors {
+            add_error(402, "INVALID_API_KEY: missing, invalid or expired token");
+        } else {
+            add_error(401, "UNAUTHORIZED: missing, invalid or expired token");
+        }
+        add_error(403, "FORBIDDEN: the token's role may not call this route");
         op.insert("security".into(), json!([{ "bearerAuth": [] }]));
+    }
+    for (status, codes) in doc.errors {
+        add_error(*status, codes);
     }
     op.insert("responses".into(), Value::Object(responses));
     Value::Object(op)
 }
 
+/// The request bodies a creation takes: the update body's fields, with
+/// the ones a creation needs required.
+const CREATE_VARIANTS: &[(&str, &str, &[&str])] = &[
+    ("PlanCreateBody", "PlanBody", &["code", "name"]),
+    ("PackCreateBody", "PackBody", &["code", "name", "credits"]),
+    ("RateCreateBody", "RateBody", &["meter", "credits_per_unit"]),
+];
+
 fn schemas() -> Value {
+    let mut all = base_schemas();
+    if let Some(map) = all.as_object_mut() {
+        for (name, base, required) in CREATE_VARIANTS {
+            if let Some(mut schema) = map.get(*base).cloned()
+                && let Some(obj) = schema.as_object_mut()
+            {
+                obj.insert("required".into(), json!(required));
+                map.insert((*name).into(), schema);
+            }
+        }
+    }
+    all
+}
+
+fn base_schemas() -> Value {
     let credits = json!({ "type": "number", "description": "Credits, up to 6 decimals" });
     let credits_at_least_0 = json!({ "type": "number", "minimum": 0, "maximum": 1_000_000_000_000_i64, "description": "Credits, up to 6 decimals" });
     json!({
@@ -210,6 +279,11 @@ fn schemas() -> Value {
                 "error_code": { "type": "string" },
                 "message": { "type": "string" }
             }
+        },
+        "SeedError": {
+            "type": "object",
+            "required": ["error"],
+            "properties": { "error": { "type": "string" } }
         },
         "Pagination": {
             "type": "object",
@@ -319,7 +393,7 @@ fn schemas() -> Value {
         },
         "RateBody": {
             "type": "object",
-            "description": "On POST `meter` and `credits_per_unit` are required; on PUT `meter` and `model` cannot be given.",
+            "description": "On PUT `meter` and `model` cannot be given (a rate for another meter or model is a new rate).",
             "properties": {
                 "meter": { "type": "string", "enum": ["storage_egress", "ai_tokens"] },
                 "model": { "type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9._:/-]+$", "description": "Omit for the meter's default rate" },
