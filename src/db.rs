@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
-    TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
     sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous},
 };
 
@@ -132,6 +132,20 @@ pub async fn connect_writer(url: &str, connections: u32) -> Result<DatabaseConne
         .min_connections(1)
         .test_before_acquire(false);
     Database::connect(opts).await
+}
+
+/// Starts a transaction that will write. On SQLite it takes the write
+/// lock at `BEGIN` (`BEGIN IMMEDIATE`), waiting up to the busy timeout for
+/// another writer: a deferred transaction that reads first and writes
+/// later fails at once with "database is locked" when another connection
+/// wrote in between, instead of waiting. On PostgreSQL it is a plain
+/// `BEGIN`.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    })
+    .await
 }
 
 /// Applies pending migrations.

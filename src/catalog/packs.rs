@@ -5,10 +5,7 @@
 //! public listing and cannot be bought; orders already made keep it.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, QueryOrder,
-    TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, QueryOrder};
 use serde_json::{Value, json};
 
 use super::plans::{MAX_CENTS, MAX_CREDITS, currency, provider_id, text, within};
@@ -130,7 +127,7 @@ pub async fn create(
         ..Default::default()
     };
     apply(&mut row, input)?;
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let created = row
         .insert(&txn)
         .await
@@ -161,7 +158,7 @@ pub async fn update(
     input: &PackInput,
     now: DateTime<Utc>,
 ) -> Result<pack::Model> {
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let Some(before) = pack::Entity::find_by_id(id).one(&txn).await? else {
         return Err(Error::PackNotFound);
     };

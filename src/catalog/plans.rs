@@ -8,9 +8,7 @@
 //! subscriptions that have it.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait};
 use serde_json::{Value, json};
 
 use crate::{
@@ -193,7 +191,7 @@ pub async fn create(
         ..Default::default()
     };
     apply(&mut row, input)?;
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let created = row
         .insert(&txn)
         .await
@@ -224,7 +222,7 @@ pub async fn update(
     input: &PlanInput,
     now: DateTime<Utc>,
 ) -> Result<plan::Model> {
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let Some(before) = plan::Entity::find_by_id(id).one(&txn).await? else {
         return Err(Error::PlanNotFound);
     };

@@ -16,7 +16,6 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, ModelTrait, QueryOrder,
-    TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -168,7 +167,7 @@ pub async fn create(
         ..Default::default()
     };
     apply(&mut row, input, model.is_empty())?;
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let created = row
         .insert(&txn)
         .await
@@ -198,7 +197,7 @@ pub async fn update(
             ));
         }
     }
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let Some(before) = rate::Entity::find_by_id(id).one(&txn).await? else {
         return Err(Error::RateNotFound);
     };
@@ -219,7 +218,7 @@ pub async fn delete(
     id: &str,
     now: DateTime<Utc>,
 ) -> Result<rate::Model> {
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let Some(before) = rate::Entity::find_by_id(id).one(&txn).await? else {
         return Err(Error::RateNotFound);
     };

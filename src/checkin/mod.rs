@@ -17,7 +17,7 @@ pub mod rule;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
     sea_query::{OnConflict, Query},
 };
 use serde_json::json;
@@ -118,7 +118,7 @@ pub async fn config(db: &impl ConnectionTrait) -> Result<Config> {
 pub async fn update_config(state: &AppState, actor: &str, new: Config) -> Result<Config> {
     let new = new.validated()?;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     let before = checkin_config::Entity::find_by_id(1).one(&txn).await?;
     let row = checkin_config::ActiveModel {
         id: sea_orm::ActiveValue::Set(1),

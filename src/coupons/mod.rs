@@ -15,10 +15,7 @@ pub mod redeem;
 pub mod rule;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, QueryOrder,
-    TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, DatabaseConnection, EntityTrait, QueryOrder};
 use serde_json::{Value, json};
 
 use crate::{
@@ -114,7 +111,7 @@ pub async fn create(
     now: DateTime<Utc>,
 ) -> Result<coupon::Model> {
     let (code, kind) = validated(new, now)?;
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let created = coupon::ActiveModel {
         id: Set(format!("coupon-{}", uuid::Uuid::now_v7())),
         code: Set(code),
@@ -173,7 +170,7 @@ pub async fn update(
     if change.expires_at.is_some_and(|t| t <= now) {
         return Err(Error::invalid("expires_at", "must be in the future"));
     }
-    let txn = db.begin().await?;
+    let txn = crate::db::begin_write(db).await?;
     let Some(before) = coupon::Entity::find_by_id(id).one(&txn).await? else {
         return Err(Error::CouponNotFound);
     };

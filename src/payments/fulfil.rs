@@ -12,7 +12,7 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
     sea_query::{Expr, ExprTrait, Query, UpdateStatement},
 };
 
@@ -159,7 +159,7 @@ pub async fn subscription_started(
             Status::Expired.as_str(),
         ]));
     // The order turns paid and redeems its coupon together.
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     txn.execute_raw(txn.get_database_backend().build(&stmt))
         .await?;
     for w in redeem::redemption_writes(&txn, order, now) {
@@ -344,7 +344,7 @@ pub async fn refunded(
             .await?;
     } else {
         // No credits to take: the same writes, with the same guards.
-        let txn = state.db.begin().await?;
+        let txn = crate::db::begin_write(&state.db).await?;
         for w in writes {
             let done = txn.execute_raw(w.statement).await?;
             if w.expect_rows.is_some_and(|n| n != done.rows_affected()) {

@@ -27,7 +27,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter,
-    TransactionTrait, sea_query::Expr,
+    sea_query::Expr,
 };
 
 use super::{
@@ -130,7 +130,7 @@ async fn open_order(
     coupon: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(order::Model, organization::Model, Option<Applied>)> {
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     // Writing the row first takes its lock (PostgreSQL) or the database's
     // write lock (SQLite) before anything is read.
     organization::Entity::update_many()
@@ -561,7 +561,7 @@ pub async fn subscribe(state: &AppState, req: Subscribe) -> Result<Checkout> {
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::internal(format!("organization {org_id} vanished")))?;
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     let applied = match req.coupon.as_deref() {
         Some(code) => Some(redeem::claim(&txn, code, amount_cents, now).await?),
         None => None,

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -449,7 +449,7 @@ impl Worker {
                 None => None,
             };
             let now = self.now();
-            let result = match self.db.begin().await {
+            let result = match crate::db::begin_write(&self.db).await {
                 Err(e) => Err(e),
                 Ok(txn) => match apply_batch(Source::Locked(&txn), ops, now).await {
                     Ok(applied) => match txn.commit().await {
