@@ -683,6 +683,8 @@ async fn credits_routes_over_rest() -> R {
             "limit=abc",
             "offset=-1",
             "offset=2836940197792884736",
+            "limit=",
+            "type=",
             "type=bogus",
         ] {
             let (status, body) = json_of(
@@ -701,6 +703,7 @@ async fn credits_routes_over_rest() -> R {
             let expected = match query {
                 "limit=abc" => "is not an integer",
                 "offset=2836940197792884736" => "out of range",
+                "limit=" | "type=" => "is empty",
                 _ => "",
             };
             assert!(message.contains(expected), "{query}: {message}");

@@ -22,7 +22,8 @@ pub(super) type Params = Query<HashMap<String, String>>;
 /// An optional integer query parameter, named in the error if malformed.
 fn int_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i32>, ApiError> {
     match params.get(name).map(|v| v.trim()) {
-        None | Some("") => Ok(None),
+        None => Ok(None),
+        Some("") => Err(Error::invalid(name, "is empty: give an integer or leave it out").into()),
         Some(v) => match v.parse::<i32>() {
             Ok(n) => Ok(Some(n)),
             // A well-formed integer past what the parameter can be.
@@ -40,6 +41,17 @@ fn int_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i32>
 fn is_integer(v: &str) -> bool {
     let digits = v.strip_prefix('-').unwrap_or(v);
     !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The `type` filter: absent, or one of the transaction types (checked by
+/// the service); present but empty is refused.
+fn type_param(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
+    match params.get("type").map(|v| v.trim()) {
+        Some("") => {
+            Err(Error::invalid("type", "is empty: give a transaction type or leave it out").into())
+        }
+        other => Ok(other.map(str::to_owned)),
+    }
 }
 
 pub(super) fn text_param(params: &HashMap<String, String>, name: &str) -> Option<String> {
@@ -140,7 +152,7 @@ pub async fn transactions(
 ) -> ApiResult {
     let request = pb::ListTransactionsRequest {
         page: Some(page(&params)?),
-        r#type: text_param(&params, "type"),
+        r#type: type_param(&params)?,
     };
     let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
     let r = client
@@ -163,7 +175,7 @@ pub async fn admin_transactions(
     let request = pb::AdminListTransactionsRequest {
         page: Some(page(&params)?),
         org_id: text_param(&params, "org_id"),
-        r#type: text_param(&params, "type"),
+        r#type: type_param(&params)?,
     };
     let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
     let r = client
@@ -363,7 +375,7 @@ pub(super) fn rfc3339_field(
     field: &str,
     value: Option<&str>,
 ) -> Result<Option<prost_types::Timestamp>, ApiError> {
-    match value.map(str::trim).filter(|s| !s.is_empty()) {
+    match value.map(str::trim) {
         None => Ok(None),
         Some(s) => {
             let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| {

@@ -155,7 +155,7 @@ fn operation(doc: &RouteDoc) -> Value {
         .path
         .split('/')
         .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": {"type": "string"} }))
+        .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 64} }))
         .collect();
     params.extend(doc.query.iter().map(|name| query_param(name)));
     if !params.is_empty() {
@@ -252,6 +252,9 @@ const CREATE_VARIANTS: &[(&str, &str, &[&str])] = &[
     ("RateCreateBody", "RateBody", &["meter", "credits_per_unit"]),
 ];
 
+/// Fields an update cannot take (the update schema leaves them out).
+const UPDATE_OMITS: &[(&str, &[&str])] = &[("RateBody", &["meter", "model"])];
+
 fn schemas() -> Value {
     let mut all = base_schemas();
     if let Some(map) = all.as_object_mut() {
@@ -263,13 +266,48 @@ fn schemas() -> Value {
                 map.insert((*name).into(), schema);
             }
         }
+        for (name, omitted) in UPDATE_OMITS {
+            if let Some(props) = map
+                .get_mut(*name)
+                .and_then(|s| s.get_mut("properties"))
+                .and_then(Value::as_object_mut)
+            {
+                for field in *omitted {
+                    props.remove(*field);
+                }
+            }
+        }
+        // In a request body an optional field may be sent as null, which
+        // the service takes as "not given".
+        for (name, schema) in map.iter_mut() {
+            if !name.ends_with("Body") {
+                continue;
+            }
+            let required: Vec<String> = schema["required"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(props) = schema["properties"].as_object_mut() {
+                for (field, prop) in props.iter_mut() {
+                    if !required.contains(field)
+                        && let Some(p) = prop.as_object_mut()
+                    {
+                        p.insert("nullable".into(), true.into());
+                    }
+                }
+            }
+        }
     }
     all
 }
 
 fn base_schemas() -> Value {
     let credits = json!({ "type": "number", "description": "Credits, up to 6 decimals" });
-    let credits_at_least_0 = json!({ "type": "number", "minimum": 0, "maximum": 1_000_000_000_000_i64, "description": "Credits, up to 6 decimals" });
+    let credits_at_least_0 = json!({ "type": "number", "minimum": 0, "maximum": 1_000_000_000_000_i64, "multipleOf": 0.000001, "description": "Credits, up to 6 decimals" });
     json!({
         "Error": {
             "type": "object",
@@ -339,7 +377,7 @@ fn base_schemas() -> Value {
             "type": "object",
             "required": ["packId"],
             "properties": {
-                "packId": { "type": "string" }, "success_url": { "type": "string" }, "cancel_url": { "type": "string" },
+                "packId": { "type": "string" }, "success_url": { "type": "string", "format": "uri", "pattern": "^https?://" }, "cancel_url": { "type": "string", "format": "uri", "pattern": "^https?://" },
                 "coupon_code": { "type": "string" }, "channel": { "type": "string", "enum": ["stripe", "creem"] }
             }
         },
@@ -351,13 +389,13 @@ fn base_schemas() -> Value {
                 "type": { "type": "string", "enum": ["subscription", "pack"] },
                 "plan_id": { "type": "string" }, "pack_id": { "type": "string" },
                 "billing_period": { "type": "string", "enum": ["monthly", "yearly"] },
-                "success_url": { "type": "string" }, "cancel_url": { "type": "string" },
+                "success_url": { "type": "string", "format": "uri", "pattern": "^https?://" }, "cancel_url": { "type": "string", "format": "uri", "pattern": "^https?://" },
                 "coupon_code": { "type": "string" }
             }
         },
         "PortalBody": {
             "type": "object", "required": ["return_url"],
-            "properties": { "return_url": { "type": "string" } }
+            "properties": { "return_url": { "type": "string", "format": "uri", "pattern": "^https?://" } }
         },
         "PlanBody": {
             "type": "object",
@@ -425,7 +463,9 @@ fn base_schemas() -> Value {
         "ManualBody": {
             "type": "object", "required": ["org_id", "amount", "reason"],
             "properties": {
-                "org_id": { "type": "string" }, "amount": credits, "reason": { "type": "string" },
+                "org_id": { "type": "string" },
+                "amount": { "type": "number", "minimum": -1_000_000_000_000_i64, "maximum": 1_000_000_000_000_i64, "multipleOf": 0.000001, "not": { "enum": [0] }, "description": "Credits, up to 6 decimals; positive grants, negative debits" },
+                "reason": { "type": "string" },
                 "expires_at": { "type": "string", "format": "date-time" },
                 "idempotency_key": { "type": "string" }
             }
