@@ -660,6 +660,18 @@ async fn openapi_documents_every_contract_route() -> R {
         doc["components"]["schemas"]["PlanCreateBody"]["required"],
         serde_json::json!(["code", "name"])
     );
+    // Swagger UI, from the binary, reading this document.
+    let page = t.http.get(t.rest("/docs/")).send().await?;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await?.contains("swagger-ui"));
+    let init = t
+        .http
+        .get(t.rest("/docs/swagger-initializer.js"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(init.contains("\"/openapi.json\""), "{init}");
     assert!(doc["paths"]["/credits/balance"]["get"]["security"].is_array());
     assert!(doc["paths"]["/credits/packs"]["get"]["security"].is_null());
     t.stop().await;

@@ -773,6 +773,14 @@ async fn openapi_json() -> Response {
     axum::Json(openapi::document(&docs)).into_response()
 }
 
+/// Swagger UI at `/docs` (assets inside the binary), showing
+/// `/openapi.json`.
+fn docs_ui() -> Router<Gateway> {
+    utoipa_swagger_ui::SwaggerUi::new("/docs")
+        .config(utoipa_swagger_ui::Config::from("/openapi.json"))
+        .into()
+}
+
 /// The REST router over `channel`.
 pub fn router(channel: GrpcChannel, auth: GatewayAuth, metrics: Arc<Metrics>) -> Router {
     let mut router: Router<Gateway> = Router::new();
@@ -796,6 +804,9 @@ pub fn router(channel: GrpcChannel, auth: GatewayAuth, metrics: Arc<Metrics>) ->
             route_auth,
             authenticate,
         ))
+        // Public like the document it shows; added after the route layer,
+        // which only knows the documented routes.
+        .merge(docs_ui())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -86,6 +86,15 @@ try {
   );
   expect("REST /credits/packs from the page", same(allowed.restPacks?.slice(0, 3), packs), allowed.restPacks);
 
+  // Swagger UI at /docs, served by the binary with no network: it renders
+  // an operation for every documented route.
+  const docs = await browser.newPage();
+  await docs.goto(`${env("REST_URL")}/docs/`);
+  await docs.waitForSelector(".opblock", { timeout: 30_000 });
+  const operations = await docs.locator(".opblock").count();
+  await docs.close();
+  expect(`/docs renders the document (${operations} operations)`, operations >= 30, operations);
+
   const denied = await show(env("DENIED_PORT"));
   // The browser withholds the answer (no Access-Control-Allow-Origin).
   const refused = (r) => r && typeof r.message === "string" && r.message.includes("Failed to fetch");
