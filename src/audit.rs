@@ -28,6 +28,28 @@ pub struct Change<'a> {
     pub after: Value,
 }
 
+impl<'a> Change<'a> {
+    /// A change to the catalog (plans, packs, rates, coupons, the check-in
+    /// configuration): no organization, no reason.
+    pub fn catalog(
+        actor: &'a str,
+        action: &'a str,
+        target: &'a str,
+        before: Value,
+        after: Value,
+    ) -> Self {
+        Self {
+            actor,
+            action,
+            target_org: None,
+            target,
+            reason: "",
+            before,
+            after,
+        }
+    }
+}
+
 /// Writes `change` on `db` (the transaction of the change itself).
 pub async fn record(
     db: &impl ConnectionTrait,

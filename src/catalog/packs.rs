@@ -134,15 +134,13 @@ pub async fn create(
         .map_err(|e| Error::unique_or(e, Error::PackCodeTaken))?;
     audit::record(
         &txn,
-        audit::Change {
+        audit::Change::catalog(
             actor,
-            action: "pack.create",
-            target_org: None,
-            target: &created.id,
-            reason: "",
-            before: Value::Null,
-            after: snapshot(&created),
-        },
+            "pack.create",
+            &created.id,
+            Value::Null,
+            snapshot(&created),
+        ),
         now,
     )
     .await?;
@@ -170,15 +168,13 @@ pub async fn update(
         .map_err(|e| Error::unique_or(e, Error::PackCodeTaken))?;
     audit::record(
         &txn,
-        audit::Change {
+        audit::Change::catalog(
             actor,
-            action: "pack.update",
-            target_org: None,
-            target: id,
-            reason: "",
-            before: snapshot(&before),
-            after: snapshot(&after),
-        },
+            "pack.update",
+            id,
+            snapshot(&before),
+            snapshot(&after),
+        ),
         now,
     )
     .await?;

@@ -198,15 +198,13 @@ pub async fn create(
         .map_err(|e| Error::unique_or(e, Error::PlanCodeTaken))?;
     audit::record(
         &txn,
-        audit::Change {
+        audit::Change::catalog(
             actor,
-            action: "plan.create",
-            target_org: None,
-            target: &created.id,
-            reason: "",
-            before: Value::Null,
-            after: snapshot(&created),
-        },
+            "plan.create",
+            &created.id,
+            Value::Null,
+            snapshot(&created),
+        ),
         now,
     )
     .await?;
@@ -235,15 +233,13 @@ pub async fn update(
         .map_err(|e| Error::unique_or(e, Error::PlanCodeTaken))?;
     audit::record(
         &txn,
-        audit::Change {
+        audit::Change::catalog(
             actor,
-            action: "plan.update",
-            target_org: None,
-            target: id,
-            reason: "",
-            before: snapshot(&before),
-            after: snapshot(&after),
-        },
+            "plan.update",
+            id,
+            snapshot(&before),
+            snapshot(&after),
+        ),
         now,
     )
     .await?;

@@ -100,30 +100,6 @@ fn snapshot(r: &rate::Model) -> Value {
     })
 }
 
-async fn audited(
-    txn: &sea_orm::DatabaseTransaction,
-    actor: &str,
-    action: &str,
-    target: &str,
-    (before, after): (Value, Value),
-    now: DateTime<Utc>,
-) -> Result<()> {
-    audit::record(
-        txn,
-        audit::Change {
-            actor,
-            action,
-            target_org: None,
-            target,
-            reason: "",
-            before,
-            after,
-        },
-        now,
-    )
-    .await
-}
-
 /// Every rate, switched-off ones included: by meter, the default first.
 pub async fn list_all(db: &DatabaseConnection) -> Result<Vec<rate::Model>> {
     Ok(rate::Entity::find()
@@ -172,8 +148,14 @@ pub async fn create(
         .insert(&txn)
         .await
         .map_err(|e| Error::unique_or(e, Error::RateTaken))?;
-    let change = (Value::Null, snapshot(&created));
-    audited(&txn, actor, "rate.create", &created.id, change, now).await?;
+    let change = audit::Change::catalog(
+        actor,
+        "rate.create",
+        &created.id,
+        Value::Null,
+        snapshot(&created),
+    );
+    audit::record(&txn, change, now).await?;
     txn.commit().await?;
     Ok(created)
 }
@@ -204,8 +186,14 @@ pub async fn update(
     let mut row: rate::ActiveModel = before.clone().into();
     apply(&mut row, input, before.model.is_empty())?;
     let after = row.update(&txn).await?;
-    let change = (snapshot(&before), snapshot(&after));
-    audited(&txn, actor, "rate.update", id, change, now).await?;
+    let change = audit::Change::catalog(
+        actor,
+        "rate.update",
+        id,
+        snapshot(&before),
+        snapshot(&after),
+    );
+    audit::record(&txn, change, now).await?;
     txn.commit().await?;
     Ok(after)
 }
@@ -226,8 +214,8 @@ pub async fn delete(
         return Err(Error::DefaultRateRequired);
     }
     before.clone().delete(&txn).await?;
-    let change = (snapshot(&before), Value::Null);
-    audited(&txn, actor, "rate.delete", id, change, now).await?;
+    let change = audit::Change::catalog(actor, "rate.delete", id, snapshot(&before), Value::Null);
+    audit::record(&txn, change, now).await?;
     txn.commit().await?;
     Ok(before)
 }

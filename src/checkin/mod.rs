@@ -144,15 +144,13 @@ pub async fn update_config(state: &AppState, actor: &str, new: Config) -> Result
         .await?;
     audit::record(
         &txn,
-        audit::Change {
+        audit::Change::catalog(
             actor,
-            action: "checkin_config.update",
-            target_org: None,
-            target: "checkin_config",
-            reason: "",
-            before: before.map(|b| Config::from(b).json()).unwrap_or_default(),
-            after: new.json(),
-        },
+            "checkin_config.update",
+            "checkin_config",
+            before.map(|b| Config::from(b).json()).unwrap_or_default(),
+            new.json(),
+        ),
         now,
     )
     .await?;

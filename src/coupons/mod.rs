@@ -87,13 +87,23 @@ fn validated(c: &NewCoupon, now: DateTime<Utc>) -> Result<(String, Kind)> {
             format!("a {} coupon's value is {min} to {max}", kind.as_str()),
         ));
     }
-    if c.max_redemptions.is_some_and(|n| n < 1) {
+    limits(c.max_redemptions, c.expires_at, now)?;
+    Ok((code, kind))
+}
+
+/// A limit and an expiry, on creation and on update alike.
+fn limits(
+    max_redemptions: Option<i32>,
+    expires_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    if max_redemptions.is_some_and(|n| n < 1) {
         return Err(Error::invalid("max_redemptions", "must be at least 1"));
     }
-    if c.expires_at.is_some_and(|t| t <= now) {
+    if expires_at.is_some_and(|t| t <= now) {
         return Err(Error::invalid("expires_at", "must be in the future"));
     }
-    Ok((code, kind))
+    Ok(())
 }
 
 fn snapshot(c: &coupon::Model) -> Value {
@@ -128,15 +138,13 @@ pub async fn create(
     .map_err(|e| Error::unique_or(e, Error::CouponCodeTaken))?;
     audit::record(
         &txn,
-        audit::Change {
+        audit::Change::catalog(
             actor,
-            action: "coupon.create",
-            target_org: None,
-            target: &created.code,
-            reason: "",
-            before: Value::Null,
-            after: snapshot(&created),
-        },
+            "coupon.create",
+            &created.code,
+            Value::Null,
+            snapshot(&created),
+        ),
         now,
     )
     .await?;
@@ -164,12 +172,7 @@ pub async fn update(
     change: &CouponChange,
     now: DateTime<Utc>,
 ) -> Result<coupon::Model> {
-    if change.max_redemptions.is_some_and(|n| n < 1) {
-        return Err(Error::invalid("max_redemptions", "must be at least 1"));
-    }
-    if change.expires_at.is_some_and(|t| t <= now) {
-        return Err(Error::invalid("expires_at", "must be in the future"));
-    }
+    limits(change.max_redemptions, change.expires_at, now)?;
     let txn = crate::db::begin_write(db).await?;
     let Some(before) = coupon::Entity::find_by_id(id).one(&txn).await? else {
         return Err(Error::CouponNotFound);
@@ -187,15 +190,13 @@ pub async fn update(
     let after = row.update(&txn).await?;
     audit::record(
         &txn,
-        audit::Change {
+        audit::Change::catalog(
             actor,
-            action: "coupon.update",
-            target_org: None,
-            target: &after.code,
-            reason: "",
-            before: snapshot(&before),
-            after: snapshot(&after),
-        },
+            "coupon.update",
+            &after.code,
+            snapshot(&before),
+            snapshot(&after),
+        ),
         now,
     )
     .await?;

@@ -174,10 +174,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::CouponResponse>, Status> {
         let actor = caller(&request)?.sub.clone();
         let r = request.into_inner();
-        let expires_at = match &r.expires_at {
-            Some(t) => Some(input::timestamp("expires_at", t)?),
-            None => None,
-        };
+        let expires_at = r
+            .expires_at
+            .as_ref()
+            .map(|t| input::timestamp("expires_at", t))
+            .transpose()?;
         let new = coupons::NewCoupon {
             code: r.code,
             kind: r.kind,
@@ -199,10 +200,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let actor = caller(&request)?.sub.clone();
         let r = request.into_inner();
         let id = input::required("id", &r.id, 64)?;
-        let expires_at = match &r.expires_at {
-            Some(t) => Some(input::timestamp("expires_at", t)?),
-            None => None,
-        };
+        let expires_at = r
+            .expires_at
+            .as_ref()
+            .map(|t| input::timestamp("expires_at", t))
+            .transpose()?;
         let change = coupons::CouponChange {
             active: r.active,
             max_redemptions: r.max_redemptions,
