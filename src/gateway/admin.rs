@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    AdminPlanJson, ApiResult, Gateway, JsonBody, Num,
+    AdminPlanJson, ApiResult, Gateway, JsonBody, Num, RateJson,
     credits::{self, Params},
     envelope, grpc_request,
 };
@@ -370,28 +370,20 @@ pub async fn update_pack(
     Ok(envelope::ok(r.pack.map(pack_json)))
 }
 
-/// A rate as admins see it: switched-off rates included; `model` null for
-/// the meter's default rate; `credits_per_unit` in credits.
+/// A rate as admins see it: the public fields, and whether it is on
+/// (switched-off rates are listed too).
 #[derive(Serialize)]
 struct AdminRateJson {
-    id: String,
-    meter: String,
-    unit: String,
-    model: Option<String>,
-    credits_per_unit: Num,
-    description: String,
+    #[serde(flatten)]
+    rate: RateJson,
     active: bool,
 }
 
 fn rate_json(r: pb::Rate) -> AdminRateJson {
+    let active = r.active;
     AdminRateJson {
-        id: r.id,
-        meter: r.meter,
-        unit: r.unit,
-        model: r.model,
-        credits_per_unit: Num::credits(r.credits_per_unit_micros),
-        description: r.description,
-        active: r.active,
+        rate: RateJson::from(r),
+        active,
     }
 }
 

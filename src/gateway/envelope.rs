@@ -240,12 +240,9 @@ fn json_content_type(headers: &HeaderMap) -> bool {
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
+    // The content type is checked before the body is read
+    // (`json_content_type`), so it is not among these.
     match rejection {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
-            "expected Content-Type: application/json",
-        ),
         JsonRejection::JsonDataError(e) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "INVALID_ARGUMENT",

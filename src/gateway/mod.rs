@@ -166,6 +166,8 @@ async fn list_packs(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult 
     ))
 }
 
+/// A rate as the public listing shows it; `model` null for the meter's
+/// default rate; `credits_per_unit` in credits.
 #[derive(Serialize)]
 struct RateJson {
     id: String,
@@ -176,6 +178,19 @@ struct RateJson {
     description: String,
 }
 
+impl From<pb::Rate> for RateJson {
+    fn from(r: pb::Rate) -> Self {
+        Self {
+            id: r.id,
+            meter: r.meter,
+            unit: r.unit,
+            model: r.model,
+            credits_per_unit: Num::credits(r.credits_per_unit_micros),
+            description: r.description,
+        }
+    }
+}
+
 async fn list_rates(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult {
     let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
     let rates = client
@@ -184,17 +199,7 @@ async fn list_rates(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult 
         .into_inner()
         .rates;
     Ok(envelope::ok(
-        rates
-            .into_iter()
-            .map(|r| RateJson {
-                id: r.id,
-                meter: r.meter,
-                unit: r.unit,
-                model: r.model,
-                credits_per_unit: Num::credits(r.credits_per_unit_micros),
-                description: r.description,
-            })
-            .collect::<Vec<_>>(),
+        rates.into_iter().map(RateJson::from).collect::<Vec<_>>(),
     ))
 }
 
