@@ -225,7 +225,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 channel,
                 auth,
                 &config,
-                Arc::new(Metrics::default()),
+                Metrics::default(),
                 shutdown,
             )
             .await?

@@ -161,7 +161,7 @@ pub fn spawn_gateway(
     channel: GrpcChannel,
     auth: GatewayAuth,
     config: &Config,
-    metrics: Arc<Metrics>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
     let mut app = gateway::router(channel, auth, metrics).layer(TraceLayer::new_for_http());
@@ -179,6 +179,30 @@ pub fn spawn_gateway(
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .context("REST gateway")
+    })
+}
+
+/// The gauges read at each scrape: writer queues, pool use, open holds.
+fn scrape_hook(state: &AppState) -> crate::metrics::ScrapeHook {
+    let state = state.clone();
+    Arc::new(move || {
+        let state = state.clone();
+        Box::pin(async move {
+            use crate::metrics::{DB_POOL, HOLDS_OPEN, HOLDS_OPEN_MICROS, QUEUE_DEPTH};
+            for (writer, depth) in state.ledger.queue_depths().into_iter().enumerate() {
+                metrics::gauge!(QUEUE_DEPTH, "writer" => writer.to_string()).set(depth as f64);
+            }
+            let (in_use, idle) = db::pool_use(&state.db);
+            metrics::gauge!(DB_POOL, "pool" => "main", "state" => "in_use").set(f64::from(in_use));
+            metrics::gauge!(DB_POOL, "pool" => "main", "state" => "idle").set(f64::from(idle));
+            match crate::ledger::reads::open_holds(&state.db).await {
+                Ok((count, micros)) => {
+                    metrics::gauge!(HOLDS_OPEN).set(count as f64);
+                    metrics::gauge!(HOLDS_OPEN_MICROS).set(micros as f64);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot count open holds for /metrics"),
+            }
+        })
     })
 }
 
@@ -230,7 +254,8 @@ pub async fn start(
         stripe,
         creem,
     };
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Metrics::with_refresh(scrape_hook(&state));
+    Metrics::spawn_upkeep(Duration::from_secs(5), background.clone());
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     grpc::set_health(&reporter, true).await;
@@ -239,6 +264,7 @@ pub async fn start(
 
     // The gateway's in-process channel goes through the same auth layer.
     let in_process_service = ServiceBuilder::new()
+        .layer(crate::metrics::GrpcMetricsLayer)
         .layer(auth.clone())
         .service(routes.clone());
     let in_process: GrpcChannel = BoxCloneSyncService::new(tower::ServiceExt::<
@@ -259,7 +285,7 @@ pub async fn start(
         .layer(tower::util::option_layer(cors_layer(
             &config.cors_allowed_origins,
         )))
-        .layer(crate::metrics::GrpcMetricsLayer::new(metrics.clone()))
+        .layer(crate::metrics::GrpcMetricsLayer)
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(auth)
         .add_routes(routes);

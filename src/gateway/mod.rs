@@ -68,7 +68,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct Gateway {
     channel: GrpcChannel,
-    metrics: Arc<Metrics>,
+    metrics: Metrics,
 }
 
 /// How the gateway checks tokens before it decodes any input, so that a
@@ -314,7 +314,7 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
 async fn metrics(State(gw): State<Gateway>) -> Response {
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gw.metrics.render(),
+        gw.metrics.render().await,
     )
         .into_response()
 }
@@ -787,7 +787,7 @@ fn docs_ui() -> Router<Gateway> {
 }
 
 /// The REST router over `channel`.
-pub fn router(channel: GrpcChannel, auth: GatewayAuth, metrics: Arc<Metrics>) -> Router {
+pub fn router(channel: GrpcChannel, auth: GatewayAuth, metrics: Metrics) -> Router {
     let mut router: Router<Gateway> = Router::new();
     let mut access = HashMap::new();
     for (doc, handler) in routes() {
@@ -800,10 +800,7 @@ pub fn router(channel: GrpcChannel, auth: GatewayAuth, metrics: Arc<Metrics>) ->
         auth,
         access: Arc::new(access),
     };
-    let state = Gateway {
-        channel,
-        metrics: metrics.clone(),
-    };
+    let state = Gateway { channel, metrics };
     router
         .route_layer(axum::middleware::from_fn_with_state(
             route_auth,
@@ -814,10 +811,7 @@ pub fn router(channel: GrpcChannel, auth: GatewayAuth, metrics: Arc<Metrics>) ->
         .merge(docs_ui())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            metrics,
-            crate::metrics::track_http,
-        ))
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

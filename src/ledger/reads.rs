@@ -369,6 +369,20 @@ pub async fn credit_info(ledger: &Ledger, org: &str) -> Result<CreditInfo> {
     })
 }
 
+/// Holds open in the whole database: how many, and the micro-credits they
+/// hold (for `/metrics`).
+pub async fn open_holds(db: &impl ConnectionTrait) -> Result<(i64, i64)> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) AS holds, coalesce(sum(held_micros), 0) AS micros \
+             FROM reservations WHERE status = 'open'",
+        ))
+        .await?
+        .ok_or_else(|| Error::internal("count of open holds returned no row"))?;
+    Ok((row.try_get("", "holds")?, row.try_get("", "micros")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,8 +74,54 @@ async fn record(state: &AppState, provider: &str, event_id: &str, kind: &str) ->
     Ok(())
 }
 
+/// What became of a delivery that was answered 2xx.
+enum Delivery {
+    Applied,
+    /// Seen before: acknowledged again, applied once.
+    Duplicate,
+}
+
+/// Counts a delivery by provider, event type and outcome (Prometheus). The
+/// type is known only once the signature has been checked and the body
+/// parsed; before that it is `unknown`.
+fn count_delivery(provider: &'static str, kind: Option<String>, result: &Result<Delivery>) {
+    let outcome = match result {
+        Ok(Delivery::Applied) => "applied",
+        Ok(Delivery::Duplicate) => "duplicate",
+        // Refused as sent (bad signature, unreadable body, provider not
+        // configured): the provider's retry will not help.
+        Err(
+            Error::InvalidSignature(_)
+            | Error::InvalidArgument { .. }
+            | Error::PaymentProviderNotConfigured(_),
+        ) => "rejected",
+        // Anything else is the service failing: answered 5xx or 4xx after
+        // a rule refused it, and the provider retries.
+        Err(_) => "failed",
+    };
+    metrics::counter!(
+        crate::metrics::WEBHOOK_EVENTS,
+        "provider" => provider,
+        "type" => kind.unwrap_or_else(|| "unknown".into()),
+        "outcome" => outcome,
+    )
+    .increment(1);
+}
+
 /// A Stripe event: `signature` is the `Stripe-Signature` header.
 pub async fn stripe(state: &AppState, body: &[u8], signature_header: &str) -> Result<()> {
+    let mut kind = None;
+    let result = stripe_delivery(state, body, signature_header, &mut kind).await;
+    count_delivery("stripe", kind, &result);
+    result.map(|_| ())
+}
+
+async fn stripe_delivery(
+    state: &AppState,
+    body: &[u8],
+    signature_header: &str,
+    kind: &mut Option<String>,
+) -> Result<Delivery> {
     let secret = state
         .config
         .stripe_webhook_secret
@@ -89,18 +135,32 @@ pub async fn stripe(state: &AppState, body: &[u8], signature_header: &str) -> Re
         now.timestamp(),
     )?;
     let envelope = events::parse(body)?;
+    *kind = Some(envelope.kind.clone());
     if seen(state, "stripe", &envelope.id).await? {
-        return Ok(());
+        return Ok(Delivery::Duplicate);
     }
     let as_of = DateTime::from_timestamp(envelope.created, 0)
         .filter(|_| envelope.created > 0)
         .unwrap_or(now);
     apply_stripe(state, &envelope.event, as_of).await?;
-    record(state, "stripe", &envelope.id, &envelope.kind).await
+    record(state, "stripe", &envelope.id, &envelope.kind).await?;
+    Ok(Delivery::Applied)
 }
 
 /// A Creem event: `signature` is the `creem-signature` header.
 pub async fn creem(state: &AppState, body: &[u8], signature_header: &str) -> Result<()> {
+    let mut kind = None;
+    let result = creem_delivery(state, body, signature_header, &mut kind).await;
+    count_delivery("creem", kind, &result);
+    result.map(|_| ())
+}
+
+async fn creem_delivery(
+    state: &AppState,
+    body: &[u8],
+    signature_header: &str,
+    kind: &mut Option<String>,
+) -> Result<Delivery> {
     let secret = state
         .config
         .creem_webhook_secret
@@ -108,12 +168,14 @@ pub async fn creem(state: &AppState, body: &[u8], signature_header: &str) -> Res
         .ok_or(Error::PaymentProviderNotConfigured("creem"))?;
     creem::signature::verify(secret.expose_secret(), signature_header, body)?;
     let envelope = cw::parse(body)?;
+    *kind = Some(envelope.kind.clone());
     if seen(state, "creem", &envelope.id).await? {
-        return Ok(());
+        return Ok(Delivery::Duplicate);
     }
     let as_of = envelope.created.unwrap_or_else(|| state.clock.now());
     apply_creem(state, &envelope.event, as_of).await?;
-    record(state, "creem", &envelope.id, &envelope.kind).await
+    record(state, "creem", &envelope.id, &envelope.kind).await?;
+    Ok(Delivery::Applied)
 }
 
 /// The order a checkout session is for; `None` when it is not one of

@@ -329,6 +329,15 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Jobs waiting in each writer's queue (a job is one call's
+    /// operations).
+    pub fn queue_depths(&self) -> Vec<usize> {
+        self.senders
+            .iter()
+            .map(|s| s.max_capacity().saturating_sub(s.capacity()))
+            .collect()
+    }
+
     /// Puts `ops` on the queue of the first one's organization, as one job.
     fn enqueue(&self, ops: Vec<Op>) -> Result<Vec<oneshot::Receiver<Result<Outcome>>>> {
         let Some(first) = ops.first() else {

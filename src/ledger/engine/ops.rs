@@ -335,3 +335,79 @@ fn default_usage_description(
         None => format!("{quantity} {unit}"),
     }
 }
+
+/// Counts what a committed operation did to balances (Prometheus; see
+/// [`crate::metrics`]). A duplicate changed nothing and counts nothing.
+pub(super) fn observe(op: &Op, outcome: &Outcome) {
+    use crate::metrics::{CREDITS_CONSUMED, CREDITS_GRANTED, CREDITS_REMOVED, HOLDS_OPENED};
+    let positive = |micros: i64| u64::try_from(micros).unwrap_or(0);
+    match op {
+        Op::Consume(i) => {
+            if let Outcome::Consume(o) = outcome
+                && !o.duplicate
+            {
+                metrics::counter!(CREDITS_CONSUMED, "meter" => i.meter.as_str())
+                    .increment(positive(o.charged_micros));
+            }
+        }
+        Op::Commit(i) => {
+            if let Outcome::Commit(o) = outcome {
+                metrics::counter!(CREDITS_CONSUMED, "meter" => i.meter.as_str())
+                    .increment(positive(o.charged_micros));
+            }
+        }
+        Op::Reserve(_) => {
+            if let Outcome::Reserve(o) = outcome
+                && !o.duplicate
+            {
+                metrics::counter!(HOLDS_OPENED).increment(1);
+            }
+        }
+        Op::Adjust(i) => {
+            if let Outcome::Adjust(o) = outcome
+                && !o.duplicate
+            {
+                if i.amount > 0 {
+                    metrics::counter!(CREDITS_GRANTED, "kind" => LotKind::Manual.as_str())
+                        .increment(positive(i.amount));
+                } else {
+                    metrics::counter!(CREDITS_REMOVED, "reason" => "adjustment")
+                        .increment(i.amount.unsigned_abs());
+                }
+            }
+        }
+        Op::Grant(i) => {
+            if let Outcome::Grant(o) = outcome
+                && !o.duplicate
+            {
+                metrics::counter!(CREDITS_GRANTED, "kind" => i.lot_kind.as_str())
+                    .increment(positive(i.amount));
+            }
+        }
+        Op::Settle(i) => {
+            if let Outcome::Settle(o) = outcome
+                && !o.duplicate
+            {
+                metrics::counter!(CREDITS_GRANTED, "kind" => i.lot_kind.as_str())
+                    .increment(positive(o.settled_micros));
+            }
+        }
+        Op::Void(_) => {
+            if let Outcome::Void(o) = outcome
+                && !o.duplicate
+            {
+                metrics::counter!(CREDITS_REMOVED, "reason" => "void")
+                    .increment(positive(o.voided_micros));
+            }
+        }
+        Op::TakeBack(_) => {
+            if let Outcome::TakeBack(o) = outcome
+                && !o.duplicate
+            {
+                metrics::counter!(CREDITS_REMOVED, "reason" => "take_back")
+                    .increment(positive(o.taken_micros));
+            }
+        }
+        Op::Release(_) | Op::Sweep(_) => {}
+    }
+}

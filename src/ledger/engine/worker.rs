@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::atomic::Ordering::Relaxed,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
@@ -16,7 +16,7 @@ use super::{
     Job, Ledger, MAX_BATCH,
     batch::{BatchError, Source, Warm, apply_batch},
     idempotency::{IdemKey, request_hash},
-    ops::{Op, Outcome, Prepared},
+    ops::{self, Op, Outcome, Prepared},
 };
 use crate::{
     entities::reservation,
@@ -52,6 +52,13 @@ fn is_transient(err: &DbErr) -> bool {
             err.sql_err(),
             Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
         )
+}
+
+/// One batch's size and database time, by path and result (Prometheus).
+fn record_batch(path: &'static str, operations: usize, started: Instant, result: &'static str) {
+    metrics::histogram!(crate::metrics::BATCH_OPERATIONS, "path" => path).record(operations as f64);
+    metrics::histogram!(crate::metrics::BATCH_DURATION, "path" => path, "result" => result)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// A batch worker: the [`Ledger`]'s state plus its own connection pool, on
@@ -161,6 +168,11 @@ impl Worker {
                 // The same answer for every operation of the batch.
                 Err(e) => prepared.iter().map(|_| Err(e.clone())).collect(),
             };
+            for (p, outcome) in prepared.iter().zip(&outcomes) {
+                if let Ok(outcome) = outcome {
+                    ops::observe(&p.op, outcome);
+                }
+            }
             for (slot, outcome) in slots.into_iter().zip(outcomes) {
                 results[slot] = Some(outcome);
             }
@@ -418,7 +430,17 @@ impl Worker {
     async fn transact(&self, ops: &[Prepared]) -> Result<Vec<Result<Outcome>>> {
         if let Some(warm) = self.warm_for(ops) {
             let now = self.now();
-            match apply_batch(Source::Warm(&self.db, &warm), ops, now).await {
+            let started = Instant::now();
+            let result = apply_batch(Source::Warm(&self.db, &warm), ops, now).await;
+            let label = match &result {
+                Ok(_) => "ok",
+                Err(BatchError::Rule(_)) => "refused",
+                Err(BatchError::Unknown(_)) => "unknown",
+                // Not written: the batch goes on to the locking path.
+                Err(BatchError::Db(_)) => "fallback",
+            };
+            record_batch("warm", ops.len(), started, label);
+            match result {
                 Ok(applied) => {
                     self.keep_warm(applied.warm);
                     self.written(ops);
@@ -449,12 +471,14 @@ impl Worker {
                 None => None,
             };
             let now = self.now();
+            let started = Instant::now();
             let result = match crate::db::begin_write(&self.db).await {
                 Err(e) => Err(e),
                 Ok(txn) => match apply_batch(Source::Locked(&txn), ops, now).await {
                     Ok(applied) => match txn.commit().await {
                         Ok(()) => Ok(applied),
                         Err(e) => {
+                            record_batch("locked", ops.len(), started, "unknown");
                             self.forget_warm(ops);
                             return Err(self.outcome_unknown(ops, &e));
                         }
@@ -465,6 +489,7 @@ impl Worker {
                     }
                     Err(BatchError::Rule(e)) => {
                         let _ = txn.rollback().await;
+                        record_batch("locked", ops.len(), started, "refused");
                         self.forget_warm(ops);
                         self.forget_balances(ops);
                         return Err(e);
@@ -474,6 +499,8 @@ impl Worker {
             // After the transaction, whatever its outcome: a balance read
             // while it ran is never kept.
             self.forget_balances(ops);
+            let label = if result.is_ok() { "ok" } else { "error" };
+            record_batch("locked", ops.len(), started, label);
             match result {
                 Ok(applied) => {
                     self.keep_warm(applied.warm);
