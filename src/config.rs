@@ -65,6 +65,45 @@ pub struct Config {
     /// rates, so that a rate changed on one replica prices usage on every
     /// replica within this time.
     pub rate_refresh: Duration,
+    /// `MAX_IN_FLIGHT`: calls each listener answers at once; past it a call
+    /// is refused at once (RESOURCE_EXHAUSTED / 429) instead of queued.
+    pub max_in_flight: usize,
+    /// `REQUEST_TIMEOUT_SECONDS`: the longest a call may take.
+    pub request_timeout: Duration,
+    /// `SHUTDOWN_DELAY_SECONDS`: on SIGTERM, how long health reads
+    /// NOT_SERVING while the listeners still accept (so load balancers stop
+    /// sending before the doors close).
+    pub shutdown_delay: Duration,
+    /// `SHUTDOWN_GRACE_SECONDS`: how long in-flight calls may take to drain
+    /// after the listeners close; past it the process stops anyway.
+    pub shutdown_grace: Duration,
+    /// `DATABASE_MAX_CONNECTIONS`: the request pool's size (default 8 on
+    /// SQLite, 32 on PostgreSQL; the ledger writers have their own small
+    /// pools).
+    pub database_max_connections: Option<u32>,
+}
+
+/// A whole number from the environment within `range`, or `default`.
+fn whole(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    match get(var) {
+        None => Ok(default),
+        Some(raw) => match raw.trim().parse::<u64>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(ConfigError {
+                var,
+                message: format!(
+                    "`{raw}` is not a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            }),
+        },
+    }
 }
 
 impl Config {
@@ -219,6 +258,24 @@ impl Config {
             log_format,
             ledger_queue_depth,
             rate_refresh,
+            max_in_flight: whole(&get, "MAX_IN_FLIGHT", 1024, 1..=1_000_000)? as usize,
+            request_timeout: Duration::from_secs(whole(
+                &get,
+                "REQUEST_TIMEOUT_SECONDS",
+                30,
+                1..=3600,
+            )?),
+            shutdown_delay: Duration::from_secs(whole(&get, "SHUTDOWN_DELAY_SECONDS", 0, 0..=300)?),
+            shutdown_grace: Duration::from_secs(whole(
+                &get,
+                "SHUTDOWN_GRACE_SECONDS",
+                30,
+                1..=3600,
+            )?),
+            database_max_connections: match get("DATABASE_MAX_CONNECTIONS") {
+                None => None,
+                Some(_) => Some(whole(&get, "DATABASE_MAX_CONNECTIONS", 0, 1..=1000)? as u32),
+            },
         })
     }
 

@@ -114,11 +114,18 @@ pub fn lock_sqlite_file(url: &str) -> anyhow::Result<Option<std::fs::File>> {
 /// Opens the service's pool for `url` (reads, and everything but ledger
 /// writes).
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    connect_sized(url, None).await
+}
+
+/// [`connect`] with `max` connections (default 8 on SQLite, 32 on
+/// PostgreSQL).
+pub async fn connect_sized(url: &str, max: Option<u32>) -> Result<DatabaseConnection, DbErr> {
     let mut opts = base_options(url);
     if url.starts_with("sqlite:") {
-        opts.max_connections(8);
+        opts.max_connections(max.unwrap_or(8));
     } else {
-        opts.max_connections(32).min_connections(2);
+        let max = max.unwrap_or(32);
+        opts.max_connections(max).min_connections(2.min(max));
     }
     Database::connect(opts).await
 }
@@ -185,8 +192,8 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 }
 
 /// Connects, migrates and seeds the default catalog when it is empty.
-pub async fn prepare(url: &str) -> Result<DatabaseConnection, DbErr> {
-    let db = connect(url).await?;
+pub async fn prepare(url: &str, max: Option<u32>) -> Result<DatabaseConnection, DbErr> {
+    let db = connect_sized(url, max).await?;
     migrate(&db).await?;
     crate::catalog::seed_default_catalog(&db, chrono::Utc::now()).await?;
     Ok(db)

@@ -21,6 +21,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod ledger;
 pub mod metrics;
+pub mod overload;
 pub mod payments;
 pub mod pb;
 pub mod server;

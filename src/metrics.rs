@@ -18,6 +18,7 @@
 //! | `billing_holds_open`, `billing_holds_open_micros` | gauge, at scrape (database-wide: every replica reports the same) | |
 //! | `billing_webhook_events_total` | counter | `provider`, `type`, `outcome` |
 //! | `billing_db_pool_connections` | gauge, at scrape | `state` (`in_use`, `idle`), `pool` |
+//! | `billing_requests_in_flight`, `billing_requests_shed_total` | gauge, counter (calls answered now, calls refused past `MAX_IN_FLIGHT`; probes not counted) | `listener` (`grpc`, `rest`) |
 //!
 //! Latencies are true Prometheus histograms (buckets from 0.5 ms to 10 s),
 //! so they aggregate across replicas. The recorder is process-wide (the
@@ -52,6 +53,8 @@ pub const HOLDS_OPEN: &str = "billing_holds_open";
 pub const HOLDS_OPEN_MICROS: &str = "billing_holds_open_micros";
 pub const WEBHOOK_EVENTS: &str = "billing_webhook_events_total";
 pub const DB_POOL: &str = "billing_db_pool_connections";
+pub const SHED: &str = "billing_requests_shed_total";
+pub const IN_FLIGHT: &str = "billing_requests_in_flight";
 
 /// Upper bounds of the latency buckets, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -144,6 +147,11 @@ fn describe() {
         "Payment webhook deliveries, by provider, event type and outcome."
     );
     describe_gauge!(DB_POOL, "Database pool connections, by state.");
+    describe_gauge!(IN_FLIGHT, "Calls being answered now (probes not counted).");
+    describe_counter!(
+        SHED,
+        "Calls refused because MAX_IN_FLIGHT calls were being answered."
+    );
 }
 
 /// Work done just before a scrape (gauges read from the ledger and the

@@ -26,6 +26,7 @@ use crate::{
     grpc,
     ledger::Ledger,
     metrics::Metrics,
+    overload::{Grpc, GuardLayer, Rest},
     payments::{creem::Creem, stripe::Stripe},
     state::AppState,
 };
@@ -73,7 +74,13 @@ pub struct RunningServer {
     /// Whether `jwt_keys` were generated because `BILLING_JWT_SECRET` is unset.
     pub ephemeral_secret: bool,
     pub state: AppState,
+    /// Cancelled to stop: health turns NOT_SERVING at once, the listeners
+    /// close `SHUTDOWN_DELAY_SECONDS` later.
     shutdown: CancellationToken,
+    /// Cancelled when the listeners close; in-flight calls then have
+    /// `SHUTDOWN_GRACE_SECONDS` to finish.
+    close: CancellationToken,
+    grace: Duration,
     /// Stops the ledger workers and the sweeper once the servers have
     /// drained, so calls in flight at shutdown still get their answers.
     background: CancellationToken,
@@ -90,13 +97,47 @@ impl RunningServer {
 
     /// Waits until the service has stopped (after the token is cancelled,
     /// in-flight calls drain first).
+    ///
+    /// In-flight calls get `SHUTDOWN_GRACE_SECONDS` from the moment the
+    /// listeners close; whatever still runs then is abandoned (a ledger
+    /// write is all or nothing: an abandoned one either committed whole or
+    /// not at all, and its caller learns nothing either way). The ledger
+    /// writers stop last, after their current batch.
     pub async fn wait(self) -> anyhow::Result<()> {
+        let aborts: Vec<_> = self.tasks.iter().map(JoinHandle::abort_handle).collect();
+        let mut tasks: futures::stream::FuturesUnordered<_> = self.tasks.into_iter().collect();
+        let deadline = {
+            let close = self.close.clone();
+            let grace = self.grace;
+            async move {
+                close.cancelled().await;
+                tokio::time::sleep(grace).await;
+            }
+        };
+        tokio::pin!(deadline);
         let mut first_error = None;
-        for task in self.tasks {
-            let outcome = task.await.map_err(anyhow::Error::from).and_then(|r| r);
-            if let Err(e) = outcome {
-                self.shutdown.cancel();
-                first_error.get_or_insert(e);
+        loop {
+            tokio::select! {
+                next = futures::StreamExt::next(&mut tasks) => {
+                    let Some(outcome) = next else { break };
+                    let outcome = outcome.map_err(anyhow::Error::from).and_then(|r| r);
+                    if let Err(e) = outcome {
+                        // One part failed: stop the others at once.
+                        self.shutdown.cancel();
+                        self.close.cancel();
+                        first_error.get_or_insert(e);
+                    }
+                }
+                () = &mut deadline => {
+                    tracing::warn!(
+                        grace_seconds = self.grace.as_secs(),
+                        "calls still in flight after the shutdown grace; stopping anyway"
+                    );
+                    for abort in &aborts {
+                        abort.abort();
+                    }
+                    break;
+                }
             }
         }
         self.background.cancel();
@@ -164,7 +205,12 @@ pub fn spawn_gateway(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
-    let mut app = gateway::router(channel, auth, metrics).layer(TraceLayer::new_for_http());
+    let mut app = gateway::router(channel, auth, metrics)
+        .layer(GuardLayer::<Rest>::new(
+            config.max_in_flight,
+            config.request_timeout,
+        ))
+        .layer(TraceLayer::new_for_http());
     if let Some(cors) = cors_layer(&config.cors_allowed_origins) {
         app = app.layer(cors);
     }
@@ -217,7 +263,7 @@ pub async fn start(
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
     let sqlite_lock = db::lock_sqlite_file(&config.database_url)?;
-    let db = db::prepare(&config.database_url)
+    let db = db::prepare(&config.database_url, config.database_max_connections)
         .await
         .context("DATABASE_URL: cannot open, migrate or seed the database")?;
 
@@ -227,6 +273,7 @@ pub async fn start(
     };
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
+    let close = CancellationToken::new();
     let background = CancellationToken::new();
     let ledger = Ledger::start(
         db.clone(),
@@ -287,11 +334,16 @@ pub async fn start(
         )))
         .layer(crate::metrics::GrpcMetricsLayer)
         .layer(tonic_web::GrpcWebLayer::new())
+        // Inside grpc-web, so a browser's refused call is translated too.
+        .layer(GuardLayer::<Grpc>::new(
+            config.max_in_flight,
+            config.request_timeout,
+        ))
         .layer(auth)
         .add_routes(routes);
 
     let grpc_task = {
-        let shutdown = shutdown.clone();
+        let shutdown = close.clone();
         // Nagle's algorithm would hold a small answer back until the
         // previous one is acknowledged: with many calls multiplexed on one
         // connection, that is ~40 ms of delayed-ACK stall at the tail.
@@ -314,12 +366,16 @@ pub async fn start(
         gateway_auth,
         &config,
         metrics,
-        shutdown.clone(),
+        close.clone(),
     );
 
     // Readiness follows the database: NOT_SERVING while it does not answer.
+    // On shutdown it turns NOT_SERVING at once, and the listeners close
+    // `SHUTDOWN_DELAY_SECONDS` later, so load balancers that watch health
+    // stop sending new calls before the doors close.
     let health_task = {
-        let shutdown = shutdown.clone();
+        let (shutdown, close) = (shutdown.clone(), close.clone());
+        let delay = config.shutdown_delay;
         let db = state.db.clone();
         tokio::spawn(async move {
             let mut serving = true;
@@ -336,6 +392,15 @@ pub async fn start(
                 }
             }
             grpc::set_health(&reporter, false).await;
+            tracing::info!(
+                delay_seconds = delay.as_secs(),
+                "shutting down: health is NOT_SERVING; closing the listeners after the delay"
+            );
+            tokio::select! {
+                () = close.cancelled() => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+            close.cancel();
             Ok(())
         })
     };
@@ -348,6 +413,8 @@ pub async fn start(
         ephemeral_secret,
         state,
         shutdown,
+        close,
+        grace: config.shutdown_grace,
         background,
         tasks: vec![grpc_task, http_task, health_task],
         _sqlite_lock: sqlite_lock,

@@ -402,7 +402,7 @@ fn plan(
 
 async fn run_case(backend: Backend, steps: Vec<Step>) {
     let db = TestDb::new(backend).await;
-    let conn = billing::db::prepare(&db.url).await.expect("database");
+    let conn = billing::db::prepare(&db.url, None).await.expect("database");
     let clock = ManualClock::new(DateTime::from_timestamp(1_800_000_000, 0).expect("time"));
     let stop = CancellationToken::new();
     let ledger = Ledger::start(

@@ -166,13 +166,31 @@ impl IntoResponse for ApiError {
         for reserved in ["success", "error_code", "message"] {
             extra.remove(reserved);
         }
+        // A 429 says when to come back: the cooldown's own figure when it
+        // has one, else a second.
+        let retry_after = (self.status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            extra
+                .get("retry_after")
+                .and_then(serde_json::Value::as_i64)
+                .filter(|s| *s > 0)
+                .unwrap_or(1)
+                .to_string()
+        });
         let body = ErrorBody {
             success: false,
             error_code: self.code,
             message: self.message,
             extra,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = retry_after
+            && let Ok(value) = http::HeaderValue::from_str(&seconds)
+        {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, value);
+        }
+        response
     }
 }
 

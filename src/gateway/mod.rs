@@ -10,7 +10,7 @@
 mod admin;
 mod checkin;
 mod credits;
-mod envelope;
+pub(crate) mod envelope;
 mod openapi;
 mod payments;
 

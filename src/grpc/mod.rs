@@ -74,6 +74,10 @@ pub fn access_policy(path: &str) -> Access {
 }
 
 /// Every billing service plus health and reflection (v1 and v1alpha).
+/// Largest request message a service decodes (REST's body limit too);
+/// a larger one is refused with RESOURCE_EXHAUSTED before it is read whole.
+pub const MAX_MESSAGE_BYTES: usize = crate::gateway::MAX_BODY_BYTES;
+
 pub fn routes(
     state: &AppState,
     health: HealthServer<impl Health>,
@@ -90,29 +94,42 @@ pub fn routes(
     Ok(Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::credits_service_server::CreditsServiceServer::new(
-            credits::CreditsApi::new(state.clone()),
-        ))
-        .add_service(pb::packs_service_server::PacksServiceServer::new(
-            packs::PacksApi::new(state.clone()),
-        ))
+        .add_service(
+            pb::credits_service_server::CreditsServiceServer::new(credits::CreditsApi::new(
+                state.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::packs_service_server::PacksServiceServer::new(packs::PacksApi::new(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .add_service(
             pb::subscriptions_service_server::SubscriptionsServiceServer::new(
                 subscriptions::SubscriptionsApi::new(state.clone()),
-            ),
+            )
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(pb::checkin_service_server::CheckinServiceServer::new(
-            checkin::CheckinApi::new(state.clone()),
+        .add_service(
+            pb::checkin_service_server::CheckinServiceServer::new(checkin::CheckinApi::new(
+                state.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::payment_service_server::PaymentServiceServer::new(payment::PaymentApi::new(
+                state.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::usage_service_server::UsageServiceServer::new(usage::UsageApi::new(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         ))
-        .add_service(pb::payment_service_server::PaymentServiceServer::new(
-            payment::PaymentApi::new(state.clone()),
-        ))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(
-            admin::AdminApi::new(state.clone()),
-        ))
-        .add_service(pb::usage_service_server::UsageServiceServer::new(
-            usage::UsageApi::new(state.clone()),
-        )))
 }
 
 /// Sets the overall (`""`) and every billing service's health status.

@@ -20,6 +20,7 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
+pub mod calls;
 pub mod fake_creem;
 pub mod fake_stripe;
 pub mod invariants;
