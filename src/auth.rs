@@ -305,6 +305,9 @@ where
         match authorize(&self.state.keys, access, header, now) {
             Ok(caller) => {
                 if let Some(caller) = caller {
+                    // The call's span (see `telemetry::GrpcSpan`) names the
+                    // token's organization.
+                    tracing::Span::current().record("org", caller.org_id.as_str());
                     req.extensions_mut().insert(caller);
                 }
                 // Take the instance that was driven to readiness.

@@ -120,24 +120,30 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             if let Some(addr) = http_addr {
                 config.http_addr = addr;
             }
-            billing::telemetry::init(&config);
-            let listeners = Listeners::bind(&config).await?;
-            let running = billing::start(config, listeners, ServerOptions::default()).await?;
-            if running.ephemeral_secret {
-                print_dev_tokens(&running.jwt_keys);
+            let telemetry = billing::telemetry::init(&config)?;
+            let served = async {
+                let listeners = Listeners::bind(&config).await?;
+                let running = billing::start(config, listeners, ServerOptions::default()).await?;
+                if running.ephemeral_secret {
+                    print_dev_tokens(&running.jwt_keys);
+                }
+                println!(
+                    "billing: gRPC + grpc-web on {}, REST on http://{}",
+                    running.grpc_addr, running.http_addr
+                );
+                stop_on_signal(running.shutdown_token());
+                running.wait().await
             }
-            println!(
-                "billing: gRPC + grpc-web on {}, REST on http://{}",
-                running.grpc_addr, running.http_addr
-            );
-            stop_on_signal(running.shutdown_token());
-            running.wait().await
+            .await;
+            // The last spans (the drain's) go out before the process ends.
+            telemetry.shutdown();
+            served
         }
         Command::Migrate { database_url } => {
             if let Some(url) = database_url {
                 config.database_url = url;
             }
-            billing::telemetry::init(&config);
+            billing::telemetry::init(&config)?.shutdown();
             let db = billing::db::connect(&config.database_url)
                 .await
                 .context("DATABASE_URL: cannot connect")?;
@@ -175,7 +181,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             config.log_filter = "warn".into();
-            billing::telemetry::init(&config);
+            billing::telemetry::init(&config)?.shutdown();
             billing::bench::run(args).await
         }
         Command::Token {
@@ -201,7 +207,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             if let Some(addr) = http_addr {
                 config.http_addr = addr;
             }
-            billing::telemetry::init(&config);
+            let telemetry = billing::telemetry::init(&config)?;
             let channel = server::remote_channel(&upstream)?;
             let secret = config
                 .jwt_secret
@@ -220,7 +226,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 "billing gateway: REST on http://{} → {upstream}",
                 config.http_addr
             );
-            server::spawn_gateway(
+            let served = server::spawn_gateway(
                 listener,
                 channel,
                 auth,
@@ -228,7 +234,9 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 Metrics::default(),
                 shutdown,
             )
-            .await?
+            .await;
+            telemetry.shutdown();
+            served?
         }
     }
 }

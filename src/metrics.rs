@@ -241,7 +241,7 @@ pub async fn track_http(req: Request, next: Next) -> Response {
 /// The gRPC status name of a response: tonic answers every refusal of a
 /// unary call "trailers-only", with `grpc-status` in the headers; a
 /// response without it in its headers carries its body, and OK after it.
-fn grpc_code<B>(response: &http::Response<B>) -> &'static str {
+pub fn grpc_code<B>(response: &http::Response<B>) -> &'static str {
     let code = response
         .headers()
         .get("grpc-status")

@@ -184,6 +184,23 @@ fn cors_layer(origins: &[HeaderValue]) -> Option<CorsLayer> {
     )
 }
 
+/// A span per gRPC call. Refusals (insufficient credits, bad input…) are
+/// answers, not failures of the service: they stay out of the error log.
+fn grpc_trace() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::GrpcErrorsAsFailures>,
+    crate::telemetry::GrpcSpan,
+    tower_http::trace::DefaultOnRequest,
+    crate::telemetry::GrpcStatus,
+    tower_http::trace::DefaultOnBodyChunk,
+    tower_http::trace::DefaultOnEos,
+    DefaultOnFailure,
+> {
+    TraceLayer::new_for_grpc()
+        .make_span_with(crate::telemetry::GrpcSpan)
+        .on_response(crate::telemetry::GrpcStatus)
+        .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
+}
+
 /// A gateway channel to a remote gRPC server (`billing gateway`).
 pub fn remote_channel(upstream: &str) -> anyhow::Result<GrpcChannel> {
     let endpoint = tonic::transport::Endpoint::from_shared(upstream.to_owned())
@@ -191,6 +208,13 @@ pub fn remote_channel(upstream: &str) -> anyhow::Result<GrpcChannel> {
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     let channel = endpoint.connect_lazy();
+    // The REST call's trace goes on in the gRPC server's spans.
+    let channel = ServiceBuilder::new()
+        .map_request(|mut req: http::Request<tonic::body::Body>| {
+            crate::telemetry::inject_current(req.headers_mut());
+            req
+        })
+        .service(channel);
     Ok(BoxCloneSyncService::new(
         channel.map_err(|e| ChannelError(Box::new(e))),
     ))
@@ -210,7 +234,11 @@ pub fn spawn_gateway(
             config.max_in_flight,
             config.request_timeout,
         ))
-        .layer(TraceLayer::new_for_http());
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(crate::telemetry::HttpSpan)
+                .on_response(crate::telemetry::HttpStatus),
+        );
     if let Some(cors) = cors_layer(&config.cors_allowed_origins) {
         app = app.layer(cors);
     }
@@ -311,6 +339,8 @@ pub async fn start(
 
     // The gateway's in-process channel goes through the same auth layer.
     let in_process_service = ServiceBuilder::new()
+        .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
+        .layer(grpc_trace())
         .layer(crate::metrics::GrpcMetricsLayer)
         .layer(auth.clone())
         .service(routes.clone());
@@ -323,12 +353,7 @@ pub async fn start(
 
     let grpc_server = tonic::transport::Server::builder()
         .accept_http1(true)
-        // Refusals (insufficient credits, bad input…) are answers, not
-        // failures of the service: keep them out of the error log.
-        .layer(
-            TraceLayer::new_for_grpc()
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
+        .layer(grpc_trace())
         .layer(tower::util::option_layer(cors_layer(
             &config.cors_allowed_origins,
         )))

@@ -88,6 +88,9 @@ macro_rules! expect {
 /// Operations that go into one batch together, each with its reply.
 struct Job {
     ops: Vec<(Op, oneshot::Sender<Result<Outcome>>)>,
+    /// The caller's `ledger.write` span: the batch's span is its child (the
+    /// first job's) or linked from it (the others').
+    span: tracing::Span,
 }
 
 /// How many operations may wait in one writer queue by default
@@ -318,15 +321,25 @@ impl Ledger {
     /// arrived together: each answered as on its own. For tests of batch
     /// behaviour and for callers whose writes belong together.
     pub async fn submit_together(&self, ops: Vec<Op>) -> Result<Vec<Result<Outcome>>> {
-        let mut out = Vec::with_capacity(ops.len());
-        for answer in self.enqueue(ops)? {
-            out.push(
-                answer.await.map_err(|_| {
+        let span = tracing::info_span!(
+            "ledger.write",
+            otel.name = %format_args!("ledger {}", ops.first().map_or("nothing", Op::kind)),
+            operations = ops.len(),
+        );
+        let answers = {
+            let _entered = span.enter();
+            self.enqueue(ops, span.clone())?
+        };
+        let wait = async move {
+            let mut out = Vec::with_capacity(answers.len());
+            for answer in answers {
+                out.push(answer.await.map_err(|_| {
                     Error::Unavailable("the ledger stopped before answering".into())
-                })?,
-            );
-        }
-        Ok(out)
+                })?);
+            }
+            Ok(out)
+        };
+        tracing::Instrument::instrument(wait, span).await
     }
 
     /// Jobs waiting in each writer's queue (a job is one call's
@@ -339,7 +352,11 @@ impl Ledger {
     }
 
     /// Puts `ops` on the queue of the first one's organization, as one job.
-    fn enqueue(&self, ops: Vec<Op>) -> Result<Vec<oneshot::Receiver<Result<Outcome>>>> {
+    fn enqueue(
+        &self,
+        ops: Vec<Op>,
+        span: tracing::Span,
+    ) -> Result<Vec<oneshot::Receiver<Result<Outcome>>>> {
         let Some(first) = ops.first() else {
             return Ok(Vec::new());
         };
@@ -351,7 +368,7 @@ impl Ledger {
                 ((op, reply), answer)
             })
             .unzip();
-        queue.try_send(Job { ops }).map_err(|e| match e {
+        queue.try_send(Job { ops, span }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Overloaded,
             mpsc::error::TrySendError::Closed(_) => {
                 Error::Unavailable("the ledger is shutting down".into())

@@ -37,6 +37,22 @@ pub enum Op {
 }
 
 impl Op {
+    /// The operation's name, for spans and logs.
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Op::Consume(_) => "consume",
+            Op::Reserve(_) => "reserve",
+            Op::Commit(_) => "commit",
+            Op::Release(_) => "release",
+            Op::Adjust(_) => "adjust",
+            Op::Grant(_) => "grant",
+            Op::Settle(_) => "settle",
+            Op::Void(_) => "void",
+            Op::TakeBack(_) => "take_back",
+            Op::Sweep(_) => "sweep",
+        }
+    }
+
     /// The organization the caller named (external id); `None` for the
     /// operations that find theirs from a hold or carry a row id.
     pub(super) fn named_org(&self) -> Option<&str> {

@@ -54,6 +54,11 @@ fn is_transient(err: &DbErr) -> bool {
         )
 }
 
+/// A span for one step of a batch's database work.
+fn db_span(step: &'static str) -> tracing::Span {
+    tracing::info_span!("db", otel.name = step, db.system = tracing::field::Empty)
+}
+
 /// One batch's size and database time, by path and result (Prometheus).
 fn record_batch(path: &'static str, operations: usize, started: Instant, result: &'static str) {
     metrics::histogram!(crate::metrics::BATCH_OPERATIONS, "path" => path).record(operations as f64);
@@ -99,12 +104,23 @@ impl Worker {
             };
             let Some(first) = first else { break };
             let mut batch = first.ops;
+            // The batch's span: a child of the first caller's, linked from
+            // every other caller's that rides it.
+            let span = tracing::info_span!(
+                parent: &first.span,
+                "ledger.batch",
+                operations = tracing::field::Empty,
+            );
             while batch.len() < MAX_BATCH {
                 match self.queue.try_recv() {
-                    Ok(job) => batch.extend(job.ops),
+                    Ok(job) => {
+                        span.follows_from(&job.span);
+                        batch.extend(job.ops);
+                    }
                     Err(_) => break,
                 }
             }
+            span.record("operations", batch.len());
             // A caller that has gone (its deadline passed, it hung up) was
             // told nothing was confirmed; its operation is not run.
             batch.retain(|(_, reply)| !reply.is_closed());
@@ -115,7 +131,10 @@ impl Worker {
             // its batch's transaction is rolled back (dropped), its callers
             // are answered UNAVAILABLE (their replies are dropped), and the
             // worker goes on with the next batch.
-            let run = std::panic::AssertUnwindSafe(self.run_batch(batch));
+            let run = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
+                self.run_batch(batch),
+                span,
+            ));
             if futures::FutureExt::catch_unwind(run).await.is_err() {
                 tracing::error!("ledger writer panicked in a batch; its callers get UNAVAILABLE");
             }
@@ -431,7 +450,11 @@ impl Worker {
         if let Some(warm) = self.warm_for(ops) {
             let now = self.now();
             let started = Instant::now();
-            let result = apply_batch(Source::Warm(&self.db, &warm), ops, now).await;
+            let result = tracing::Instrument::instrument(
+                apply_batch(Source::Warm(&self.db, &warm), ops, now),
+                db_span("warm write"),
+            )
+            .await;
             let label = match &result {
                 Ok(_) => "ok",
                 Err(BatchError::Rule(_)) => "refused",
@@ -472,17 +495,26 @@ impl Worker {
             };
             let now = self.now();
             let started = Instant::now();
-            let result = match crate::db::begin_write(&self.db).await {
+            let begin = crate::db::begin_write(&self.db);
+            let result = match tracing::Instrument::instrument(begin, db_span("BEGIN")).await {
                 Err(e) => Err(e),
-                Ok(txn) => match apply_batch(Source::Locked(&txn), ops, now).await {
-                    Ok(applied) => match txn.commit().await {
-                        Ok(()) => Ok(applied),
-                        Err(e) => {
-                            record_batch("locked", ops.len(), started, "unknown");
-                            self.forget_warm(ops);
-                            return Err(self.outcome_unknown(ops, &e));
+                Ok(txn) => match tracing::Instrument::instrument(
+                    apply_batch(Source::Locked(&txn), ops, now),
+                    db_span("lock, load and write"),
+                )
+                .await
+                {
+                    Ok(applied) => {
+                        match tracing::Instrument::instrument(txn.commit(), db_span("COMMIT")).await
+                        {
+                            Ok(()) => Ok(applied),
+                            Err(e) => {
+                                record_batch("locked", ops.len(), started, "unknown");
+                                self.forget_warm(ops);
+                                return Err(self.outcome_unknown(ops, &e));
+                            }
                         }
-                    },
+                    }
                     Err(BatchError::Db(e) | BatchError::Unknown(e)) => {
                         let _ = txn.rollback().await;
                         Err(e)

@@ -58,19 +58,34 @@ impl Creem {
         path: &str,
         body: &B,
     ) -> Result<A, Error> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("x-api-key", &self.key)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| unavailable(what, e))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(unavailable(what, format!("status {status}")));
-        }
-        response.json().await.map_err(|e| unavailable(what, e))
+        let span = tracing::info_span!(
+            "provider",
+            otel.name = %format_args!("creem POST {path}"),
+            otel.kind = "client",
+            provider = "creem",
+            http.response.status_code = tracing::field::Empty,
+        );
+        let call = async {
+            // The caller's trace goes on at Creem (W3C traceparent).
+            let mut headers = http::HeaderMap::new();
+            crate::telemetry::inject_current(&mut headers);
+            let response = self
+                .http
+                .post(format!("{}{path}", self.base))
+                .headers(headers)
+                .header("x-api-key", &self.key)
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| unavailable(what, e))?;
+            let status = response.status();
+            tracing::Span::current().record("http.response.status_code", status.as_u16());
+            if !status.is_success() {
+                return Err(unavailable(what, format!("status {status}")));
+            }
+            response.json().await.map_err(|e| unavailable(what, e))
+        };
+        tracing::Instrument::instrument(call, span).await
     }
 
     /// Opens a checkout.

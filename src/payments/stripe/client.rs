@@ -9,6 +9,7 @@
 //! creates a second customer or session.
 
 use std::{collections::HashMap, time::Duration};
+use tracing::Instrument as _;
 
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
@@ -108,6 +109,7 @@ impl Stripe {
             .timeout(CALL_TIMEOUT);
         let customer = request
             .send(&self.client)
+            .instrument(stripe_span())
             .await
             .map_err(|e| unavailable("customer creation", e))?;
         Ok(customer.id.to_string())
@@ -174,6 +176,7 @@ impl Stripe {
             .request_strategy(key(&format!("checkout-{}", c.order_id))?)
             .timeout(CALL_TIMEOUT)
             .send(&self.client)
+            .instrument(stripe_span())
             .await
             .map_err(|e| unavailable("checkout session", e))?;
         Ok(Session {
@@ -191,6 +194,7 @@ impl Stripe {
             .customize()
             .timeout(CALL_TIMEOUT)
             .send(&self.client)
+            .instrument(stripe_span())
             .await
             .map_err(|e| unavailable("subscription retrieval", e))?;
         serde_json::from_str(&miniserde::json::to_string(&raw))
@@ -207,8 +211,21 @@ impl Stripe {
             .customize()
             .timeout(CALL_TIMEOUT)
             .send(&self.client)
+            .instrument(stripe_span())
             .await
             .map_err(|e| unavailable("billing portal session", e))?;
         Ok(session.url)
     }
+}
+
+/// The span of one Stripe call. async-stripe's client has no way to add a
+/// header to a request, so the trace stops here rather than at Stripe
+/// (which does not read `traceparent` anyway).
+fn stripe_span() -> tracing::Span {
+    tracing::info_span!(
+        "provider",
+        otel.name = "stripe",
+        otel.kind = "client",
+        provider = "stripe"
+    )
 }
