@@ -83,8 +83,9 @@ pub struct BenchArgs {
     /// Use a scratch database: the benchmark writes to it.
     #[arg(long)]
     pub database_url: Option<String>,
-    /// A running server to load instead (http://host:port); needs
-    /// `BILLING_JWT_SECRET` to match the server's.
+    /// Running servers to load instead (http://host:port, comma-separated
+    /// for several replicas: connection i goes to server i mod n); needs
+    /// `BILLING_JWT_SECRET` to match theirs.
     #[arg(long)]
     pub target: Option<String>,
     /// Skip the pgbench comparison on PostgreSQL.
@@ -164,8 +165,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .database_url
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", scratch.display()));
-    let (url, server) = match &args.target {
-        Some(target) => (target.clone(), None),
+    let (urls, server) = match &args.target {
+        Some(target) => (
+            target
+                .split(',')
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect::<Vec<_>>(),
+            None,
+        ),
         None => {
             let vars = [
                 ("DATABASE_URL", database_url.clone()),
@@ -182,7 +190,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 http: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
             };
             let server = crate::start(config, listeners, ServerOptions::default()).await?;
-            (format!("http://{}", server.grpc_addr), Some(server))
+            (vec![format!("http://{}", server.grpc_addr)], Some(server))
         }
     };
     let backend = if args.target.is_some() {
@@ -193,15 +201,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "sqlite"
     };
     println!(
-        "billing bench: {} callers over {} orgs, connections {connections:?}, {} s per run, {backend}, server {url}",
-        args.clients, args.orgs, args.seconds
+        "billing bench: {} callers over {} orgs, connections {connections:?}, {} s per run, {backend}, servers {}",
+        args.clients,
+        args.orgs,
+        args.seconds,
+        urls.join(",")
     );
+    anyhow::ensure!(!urls.is_empty(), "--target: no server URL given");
 
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let orgs: Vec<String> = (0..args.orgs)
         .map(|i| format!("bench-{}-{i}", &run_id[..8]))
         .collect();
-    let setup = connect(&url).await?;
+    let setup = connect(&urls[0]).await?;
     let now = chrono::Utc::now().timestamp();
     let admin = keys.issue("bench", "ops", Role::Admin, now, 3600);
     let mut admin_client = pb::admin_service_client::AdminServiceClient::new(setup);
@@ -249,7 +261,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let figures = drive(&url, &keys, &orgs, &args, workload, conns).await?;
+            let figures = drive(&urls, &keys, &orgs, &args, workload, conns).await?;
             println!(
                 "{:<15} {:>5} {:>9} {:>11.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
                 workload.method(),
@@ -325,7 +337,7 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
 /// `clients` callers over `connections` connections (round robin) for the
 /// configured time; each caller waits for its answer before its next call.
 async fn drive(
-    url: &str,
+    urls: &[String],
     keys: &JwtKeys,
     orgs: &[String],
     args: &BenchArgs,
@@ -343,9 +355,11 @@ async fn drive(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let users = Arc::new(users);
     let orgs = Arc::new(orgs.to_vec());
+    // At least one connection per server, so every replica is loaded.
+    let connections = connections.max(urls.len());
     let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        channels.push(connect(url).await?);
+    for i in 0..connections {
+        channels.push(connect(&urls[i % urls.len()]).await?);
     }
     let warmup = Duration::from_secs(2);
     let started = Instant::now();
