@@ -83,6 +83,28 @@ pub struct Config {
     pub database_max_connections: Option<u32>,
 }
 
+/// A whole number from the environment within `range`; `None` when unset.
+fn whole_opt(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, ConfigError> {
+    let Some(raw) = get(var) else {
+        return Ok(None);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(Some(n)),
+        _ => Err(ConfigError {
+            var,
+            message: format!(
+                "`{raw}` is not a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        }),
+    }
+}
+
 /// A whole number from the environment within `range`, or `default`.
 fn whole(
     get: &impl Fn(&str) -> Option<String>,
@@ -90,20 +112,7 @@ fn whole(
     default: u64,
     range: std::ops::RangeInclusive<u64>,
 ) -> Result<u64, ConfigError> {
-    match get(var) {
-        None => Ok(default),
-        Some(raw) => match raw.trim().parse::<u64>() {
-            Ok(n) if range.contains(&n) => Ok(n),
-            _ => Err(ConfigError {
-                var,
-                message: format!(
-                    "`{raw}` is not a whole number from {} to {}",
-                    range.start(),
-                    range.end()
-                ),
-            }),
-        },
-    }
+    Ok(whole_opt(get, var, range)?.unwrap_or(default))
 }
 
 impl Config {
@@ -174,18 +183,12 @@ impl Config {
             },
         };
 
-        let ledger_queue_depth = match get("LEDGER_QUEUE_DEPTH") {
-            None => crate::ledger::engine::DEFAULT_QUEUE_DEPTH,
-            Some(raw) => match raw.trim().parse::<usize>() {
-                Ok(n) if (1..=1_000_000).contains(&n) => n,
-                _ => {
-                    return Err(ConfigError {
-                        var: "LEDGER_QUEUE_DEPTH",
-                        message: format!("`{raw}` is not a whole number from 1 to 1000000"),
-                    });
-                }
-            },
-        };
+        let ledger_queue_depth = whole(
+            &get,
+            "LEDGER_QUEUE_DEPTH",
+            crate::ledger::engine::DEFAULT_QUEUE_DEPTH as u64,
+            1..=1_000_000,
+        )? as usize;
 
         let cors_allowed_origins = match get("CORS_ALLOWED_ORIGINS") {
             None => Vec::new(),
@@ -272,10 +275,8 @@ impl Config {
                 30,
                 1..=3600,
             )?),
-            database_max_connections: match get("DATABASE_MAX_CONNECTIONS") {
-                None => None,
-                Some(_) => Some(whole(&get, "DATABASE_MAX_CONNECTIONS", 0, 1..=1000)? as u32),
-            },
+            database_max_connections: whole_opt(&get, "DATABASE_MAX_CONNECTIONS", 1..=1000)?
+                .map(|n| n as u32),
         })
     }
 
