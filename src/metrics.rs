@@ -319,9 +319,11 @@ where
                 Ok(r) => grpc_code(r),
                 Err(_) => code_name(tonic::Code::Unavailable),
             };
-            let labels = [("method", method), ("code", code.to_owned())];
-            metrics::counter!(GRPC_REQUESTS, &labels).increment(1);
-            metrics::histogram!(GRPC_DURATION, &labels).record(started.elapsed().as_secs_f64());
+            // The code is a &'static str label: no allocation for it.
+            metrics::counter!(GRPC_REQUESTS, "method" => method.clone(), "code" => code)
+                .increment(1);
+            metrics::histogram!(GRPC_DURATION, "method" => method, "code" => code)
+                .record(started.elapsed().as_secs_f64());
             response
         })
     }
