@@ -188,14 +188,10 @@ async fn a_call_past_the_request_timeout_is_answered_504_and_writes_nothing() ->
     .await;
     let admin = t.token(Role::Admin, "ops");
     // The body never completes: the handler waits for it past the limit.
-    let held = HeldCall::start(
-        &t.http,
-        t.rest("/admin/credits/manual"),
-        &[
-            ("content-type", "application/json".into()),
-            ("authorization", format!("Bearer {admin}")),
-        ],
-        br#"{"org_id":"slow","amount":5,"reason":"never sent whole"}"#.to_vec(),
+    let held = HeldCall::manual_adjust(
+        &t,
+        &admin,
+        br#"{"org_id":"slow","amount":5,"reason":"never sent whole"}"#,
     )
     .await;
     let response = held.response.await??;

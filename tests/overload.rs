@@ -48,14 +48,10 @@ async fn calls_past_max_in_flight_are_refused_at_once_and_probes_still_answer() 
     let user = t.token(Role::User, "busy");
 
     // REST: one manual adjustment held in flight takes the only slot.
-    let held = HeldCall::start(
-        &t.http,
-        t.rest("/admin/credits/manual"),
-        &[
-            ("content-type", "application/json".into()),
-            ("authorization", format!("Bearer {admin}")),
-        ],
-        br#"{"org_id":"busy","amount":5,"reason":"held"}"#.to_vec(),
+    let held = HeldCall::manual_adjust(
+        &t,
+        &admin,
+        br#"{"org_id":"busy","amount":5,"reason":"held"}"#,
     )
     .await;
     in_flight_reaches(&t, "rest", 1.0).await?;

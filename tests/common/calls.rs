@@ -53,6 +53,20 @@ impl HeldCall {
         }
     }
 
+    /// `POST /admin/credits/manual` with `body`, held in flight.
+    pub async fn manual_adjust(t: &TestServer, admin_token: &str, body: &[u8]) -> Self {
+        Self::start(
+            &t.http,
+            t.rest("/admin/credits/manual"),
+            &[
+                ("content-type", "application/json".into()),
+                ("authorization", format!("Bearer {admin_token}")),
+            ],
+            body.to_vec(),
+        )
+        .await
+    }
+
     pub async fn finish(self) -> reqwest::Response {
         self.rest.send(Ok(self.last)).await.expect("last part");
         drop(self.rest);
