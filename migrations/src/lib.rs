@@ -2,8 +2,9 @@
 //!
 //! One migration set that runs unchanged on SQLite (the embedded default) and
 //! PostgreSQL: only portable column types, constraints written with sea-query
-//! so each backend gets its own dialect (one PostgreSQL-only helper
-//! function, `write_conflict`, is a no-op on SQLite). Migrations are append-only: a change
+//! so each backend gets its own dialect (the PostgreSQL-only parts,
+//! the `write_conflict` helper function and the `C` collation of the ledger's
+//! text keys, are no-ops on SQLite). Migrations are append-only: a change
 //! to the schema is a new `m<date>_<what>.rs`, never an edit of a shipped one.
 
 pub use sea_orm_migration::prelude::*;
@@ -13,6 +14,7 @@ mod m20261203_000001_hold_outcome;
 mod m20261203_000002_write_conflict;
 mod m20261203_000003_subscription_payments;
 mod m20261204_000001_redemption_per_order;
+mod m20261206_000001_key_collation;
 
 pub struct Migrator;
 
@@ -25,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000002_write_conflict::Migration),
             Box::new(m20261203_000003_subscription_payments::Migration),
             Box::new(m20261204_000001_redemption_per_order::Migration),
+            Box::new(m20261206_000001_key_collation::Migration),
         ]
     }
 }
