@@ -37,6 +37,8 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Self; 3] = [Self::PercentOff, Self::AmountOff, Self::BonusCredits];
+
     pub fn parse(value: &str) -> Result<Self> {
         match value {
             "percent_off" => Ok(Self::PercentOff),

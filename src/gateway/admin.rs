@@ -6,6 +6,9 @@ use axum::{
     http::HeaderMap,
 };
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::openapi::{maybe_one_of, one_of};
 use serde_json::Value;
 
 use super::{
@@ -17,21 +20,56 @@ use crate::pb;
 
 /// A plan's fields; prices are cents. On PUT only the fields given change
 /// (an empty provider id clears it).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 pub struct PlanBody {
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     code: Option<String>,
+    #[schema(min_length = 1, max_length = 255)]
     name: Option<String>,
+    #[schema(max_length = 1000)]
     description: Option<String>,
+    #[schema(minimum = 0, maximum = 100)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     tier: Option<i32>,
+    /// Cents
+    #[schema(minimum = 0, maximum = 1000000000000_i64)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     price_monthly: Option<i64>,
+    /// Cents
+    #[schema(minimum = 0, maximum = 1000000000000_i64)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     price_yearly: Option<i64>,
+    #[schema(pattern = "^[A-Za-z]{3}$")]
     currency: Option<String>,
+    #[schema(minimum = 0, maximum = 1000000000000_i64)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     credits_included: Option<i64>,
+    #[schema(schema_with = features)]
     features: Option<Vec<String>>,
     active: Option<bool>,
+    #[schema(max_length = 255)]
     stripe_price_monthly: Option<String>,
+    #[schema(max_length = 255)]
     stripe_price_yearly: Option<String>,
+    #[schema(max_length = 255)]
     creem_product_id: Option<String>,
+}
+
+/// A plan's feature list: up to 50 lines of up to 255 characters.
+fn features() -> utoipa::openapi::schema::ArrayBuilder {
+    use utoipa::openapi::{
+        ObjectBuilder, Type,
+        schema::{ArrayBuilder, SchemaType},
+    };
+    ArrayBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+        .max_items(Some(50))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(255)),
+        )
 }
 
 pub async fn create_plan(
@@ -93,8 +131,30 @@ pub async fn update_plan(
     Ok(envelope::ok(r.plan.map(AdminPlanJson::from)))
 }
 
-#[derive(Serialize)]
-struct AuditJson {
+/// The `action` filter of the audit log.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ActionFilter {
+    /// Only entries of this action (plan.create, coupon.create,
+    /// checkin_config.update, manual_adjust, ...)
+    #[param(max_length = 64)]
+    action: Option<String>,
+}
+
+impl ActionFilter {
+    fn parse(params: &std::collections::HashMap<String, String>) -> Option<String> {
+        Self {
+            action: credits::text_param(params, "action"),
+        }
+        .action
+    }
+}
+
+/// One entry of the audit log: who changed what, with the row before and
+/// after.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditEntry)]
+pub(super) struct AuditJson {
     id: i64,
     actor: String,
     action: String,
@@ -112,9 +172,9 @@ pub async fn audit(
     Query(params): Params,
 ) -> ApiResult {
     let request = pb::ListAuditEntriesRequest {
-        page: Some(credits::page(&params)?),
-        org_id: credits::text_param(&params, "org_id"),
-        action: credits::text_param(&params, "action"),
+        page: Some(credits::PageQuery::parse(&params)?),
+        org_id: credits::OrgFilter::parse(&params),
+        action: ActionFilter::parse(&params),
     };
     let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
     let r = client
@@ -140,16 +200,20 @@ pub async fn audit(
     Ok(envelope::ok_page(rows, credits::pagination(r.page)))
 }
 
-#[derive(Serialize)]
-struct CouponJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = Coupon)]
+pub(super) struct CouponJson {
     id: String,
     code: String,
+    #[schema(schema_with = coupon_kinds)]
     kind: String,
     value: i64,
     max_redemptions: Option<i32>,
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
     active: bool,
     redeemed_count: i32,
+    #[schema(format = DateTime)]
     created_at: Option<String>,
 }
 
@@ -178,17 +242,30 @@ pub async fn list_coupons(State(gw): State<Gateway>, headers: HeaderMap) -> ApiR
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct CouponBody {
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     code: String,
+    #[schema(schema_with = coupon_kinds)]
     kind: String,
+    /// percent_off: 1-100 percent; amount_off: cents; bonus_credits: whole
+    /// credits
+    #[schema(minimum = 1, maximum = 1000000000000_i64)]
+    #[serde(deserialize_with = "super::whole::required")]
     value: i64,
-    #[serde(default)]
+    #[schema(minimum = 1, maximum = 2147483647)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     max_redemptions: Option<i32>,
+    /// In the future
     #[serde(default)]
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
     #[serde(default)]
     active: Option<bool>,
+}
+
+fn coupon_kinds() -> utoipa::openapi::ObjectBuilder {
+    one_of(crate::coupons::Kind::ALL.map(crate::coupons::Kind::as_str))
 }
 
 pub async fn create_coupon(
@@ -215,14 +292,17 @@ pub async fn create_coupon(
 
 /// What `PUT /admin/billing/coupons/{id}` may change; a code, kind or
 /// value in the body is refused by name rather than ignored.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CouponUpdateBody {
     #[serde(default)]
     active: Option<bool>,
-    #[serde(default)]
+    #[schema(minimum = 1, maximum = 2147483647)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     max_redemptions: Option<i32>,
+    /// In the future
     #[serde(default)]
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
 }
 
@@ -249,8 +329,9 @@ pub async fn update_coupon(
 
 /// A pack as admins see it: every field, inactive packs included; `price`
 /// in currency units as on the public listing.
-#[derive(Serialize)]
-struct AdminPackJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = AdminPack)]
+pub(super) struct AdminPackJson {
     id: String,
     code: String,
     name: String,
@@ -294,17 +375,31 @@ pub async fn list_packs(State(gw): State<Gateway>, headers: HeaderMap) -> ApiRes
 
 /// A pack's fields; `price_cents` in cents. On PUT only the fields given
 /// change (an empty provider id clears it).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 pub struct PackBody {
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     code: Option<String>,
+    #[schema(min_length = 1, max_length = 255)]
     name: Option<String>,
+    #[schema(minimum = 1, maximum = 1000000000000_i64)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     credits: Option<i64>,
+    #[schema(minimum = 0, maximum = 1000000000000_i64)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     price_cents: Option<i64>,
+    #[schema(pattern = "^[A-Za-z]{3}$")]
     currency: Option<String>,
+    /// Orders of this pack one organization may place per billing cycle
+    #[schema(minimum = 0, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     limit_per_cycle: Option<i32>,
+    #[schema(minimum = 1, maximum = 3650)]
+    #[serde(default, deserialize_with = "super::whole::optional")]
     lot_expiry_days: Option<i32>,
     active: Option<bool>,
+    #[schema(max_length = 255)]
     stripe_price_id: Option<String>,
+    #[schema(max_length = 255)]
     creem_product_id: Option<String>,
 }
 
@@ -372,8 +467,9 @@ pub async fn update_pack(
 
 /// A rate as admins see it: the public fields, and whether it is on
 /// (switched-off rates are listed too).
-#[derive(Serialize)]
-struct AdminRateJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = AdminRate)]
+pub(super) struct AdminRateJson {
     #[serde(flatten)]
     rate: RateJson,
     active: bool,
@@ -400,13 +496,28 @@ pub async fn list_rates(State(gw): State<Gateway>, headers: HeaderMap) -> ApiRes
 
 /// A rate's fields; `credits_per_unit` is a JSON number of credits (up to
 /// 6 decimals). `meter` and `model` are for creation only.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 pub struct RateBody {
+    #[schema(schema_with = maybe_meter)]
     meter: Option<String>,
+    /// Omit for the meter's default rate
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:/-]+$")]
     model: Option<String>,
+    /// Credits one unit (1 GB, 1M tokens) costs
+    #[schema(schema_with = credits_per_unit)]
     credits_per_unit: Option<Box<serde_json::value::RawValue>>,
+    #[schema(max_length = 255)]
     description: Option<String>,
+    /// A default rate cannot be switched off
     active: Option<bool>,
+}
+
+fn maybe_meter() -> utoipa::openapi::ObjectBuilder {
+    maybe_one_of(crate::domain::Meter::ALL.map(crate::domain::Meter::as_str))
+}
+
+fn credits_per_unit() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::credits_at_least_0(true)
 }
 
 impl RateBody {

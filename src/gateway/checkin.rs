@@ -4,14 +4,19 @@
 use axum::{extract::State, http::HeaderMap};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 use super::{ApiResult, Gateway, JsonBody, Num, credits, envelope, grpc_request};
 use crate::pb;
 
-#[derive(Serialize)]
-struct CheckinJson {
+/// What a check-in gave: credits (with the streak bonus), the streak
+/// after it, and the balance after it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Checkin)]
+pub(super) struct CheckinJson {
     credits_awarded: Num,
     streak: i32,
+    #[schema(format = DateTime)]
     next_checkin_at: Option<String>,
     balance: Num,
 }
@@ -30,11 +35,13 @@ pub async fn checkin(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult
     }))
 }
 
-#[derive(Serialize)]
-struct StatusJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = CheckinStatus)]
+pub(super) struct StatusJson {
     enabled: bool,
     checked_in_today: bool,
     streak: i32,
+    #[schema(format = DateTime)]
     next_checkin_at: Option<String>,
     credits_per_day: Num,
     streak_bonus: Num,
@@ -56,8 +63,9 @@ pub async fn status(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult 
     }))
 }
 
-#[derive(Serialize)]
-struct ConfigJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = CheckinConfig)]
+pub(super) struct ConfigJson {
     enabled: bool,
     credits_per_day: Num,
     lot_expiry_days: i32,
@@ -84,13 +92,27 @@ pub async fn get_config(State(gw): State<Gateway>, headers: HeaderMap) -> ApiRes
 
 /// The whole configuration (a PUT replaces it; an omitted `streak_bonus`
 /// is 0).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(as = CheckinConfigBody)]
 pub struct ConfigBody {
     enabled: bool,
+    #[schema(schema_with = credits_per_day)]
     credits_per_day: Box<RawValue>,
+    #[schema(minimum = 1, maximum = 3650)]
+    #[serde(deserialize_with = "super::whole::required")]
     lot_expiry_days: i32,
+    /// Extra credits on every day of a streak after the first
     #[serde(default)]
+    #[schema(schema_with = streak_bonus)]
     streak_bonus: Option<Box<RawValue>>,
+}
+
+fn credits_per_day() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::credits_at_least_0(false)
+}
+
+fn streak_bonus() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::credits_at_least_0(true)
 }
 
 pub async fn put_config(

@@ -13,6 +13,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tonic::Status;
+use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiResult, Gateway, JsonBody, Num, Pagination, envelope, grpc_request};
 use crate::{domain::parse_credits, error::Error, pb};
@@ -43,17 +44,7 @@ fn is_integer(v: &str) -> bool {
     !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The `type` filter: absent, or one of the transaction types (checked by
-/// the service); present but empty is refused.
-fn type_param(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
-    match params.get("type").map(|v| v.trim()) {
-        Some("") => {
-            Err(Error::invalid("type", "is empty: give a transaction type or leave it out").into())
-        }
-        other => Ok(other.map(str::to_owned)),
-    }
-}
-
+/// A text parameter, trimmed; empty is absent.
 pub(super) fn text_param(params: &HashMap<String, String>, name: &str) -> Option<String> {
     params
         .get(name)
@@ -61,11 +52,87 @@ pub(super) fn text_param(params: &HashMap<String, String>, name: &str) -> Option
         .filter(|v| !v.is_empty())
 }
 
-pub(super) fn page(params: &HashMap<String, String>) -> Result<pb::PageRequest, ApiError> {
-    Ok(pb::PageRequest {
-        limit: int_param(params, "limit")?,
-        offset: int_param(params, "offset")?.unwrap_or(0),
-    })
+/// A page of a listing: `limit` rows from `offset` on (the service
+/// checks the bounds).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct PageQuery {
+    /// Rows per page
+    #[param(minimum = 1, maximum = 100, default = 20)]
+    limit: Option<i32>,
+    /// Rows to skip
+    #[param(minimum = 0, maximum = 2147483647, default = 0)]
+    offset: Option<i32>,
+}
+
+impl PageQuery {
+    pub(super) fn parse(params: &HashMap<String, String>) -> Result<pb::PageRequest, ApiError> {
+        let query = Self {
+            limit: int_param(params, "limit")?,
+            offset: int_param(params, "offset")?,
+        };
+        Ok(pb::PageRequest {
+            limit: query.limit,
+            offset: query.offset.unwrap_or(0),
+        })
+    }
+}
+
+/// The `type` filter: absent, or one of the transaction types (checked by
+/// the service); present but empty is refused.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct TypeFilter {
+    /// Only rows of this transaction type
+    #[param(rename = "type", schema_with = transaction_types)]
+    kind: Option<String>,
+}
+
+fn transaction_types() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::one_of(crate::ledger::reads::TRANSACTION_TYPES.iter().copied())
+}
+
+impl TypeFilter {
+    pub(super) fn parse(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
+        let kind = match params.get("type").map(|v| v.trim()) {
+            Some("") => {
+                return Err(Error::invalid(
+                    "type",
+                    "is empty: give a transaction type or leave it out",
+                )
+                .into());
+            }
+            other => other.map(str::to_owned),
+        };
+        Ok(Self { kind }.kind)
+    }
+}
+
+/// The `org_id` filter of the admin listings.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct OrgFilter {
+    /// Only this organization
+    #[param(max_length = 255)]
+    org_id: Option<String>,
+}
+
+impl OrgFilter {
+    pub(super) fn parse(params: &HashMap<String, String>) -> Option<String> {
+        Self {
+            org_id: text_param(params, "org_id"),
+        }
+        .org_id
+    }
+}
+
+/// How many months of statistics.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct MonthsQuery {
+    /// Months up to and including the current one
+    #[param(minimum = 1, maximum = 24, default = 12)]
+    months: Option<i32>,
 }
 
 pub(super) fn rfc3339(t: Option<prost_types::Timestamp>) -> Option<String> {
@@ -84,19 +151,27 @@ pub(super) fn pagination(p: Option<pb::PageInfo>) -> Pagination {
     }
 }
 
-#[derive(Serialize)]
-struct ConsumptionJson {
+/// This month's consumption by meter, in credits.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Consumption)]
+pub(super) struct ConsumptionJson {
     storage_egress: Num,
     ai_tokens: Num,
     total: Num,
 }
 
-#[derive(Serialize)]
-struct BalanceJson {
+/// The organization's credits: `balance` is what may be spent now (never
+/// negative), `stored` what its live lots hold, `realtime` stored less open
+/// holds.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Balance)]
+pub(super) struct BalanceJson {
     balance: Num,
     stored: Num,
     realtime: Num,
     consumption: ConsumptionJson,
+    /// Start of the month `consumption` counts
+    #[schema(format = DateTime)]
     period_start: Option<String>,
 }
 
@@ -120,15 +195,20 @@ pub async fn balance(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult
     }))
 }
 
-#[derive(Serialize)]
-struct TransactionJson {
+/// One ledger row: positive amounts add credits, negative ones spend them.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Transaction)]
+pub(super) struct TransactionJson {
     id: String,
+    /// The transaction type (the values of the listing's `type` filter)
     #[serde(rename = "type")]
     kind: String,
     amount: Num,
     balance_after: Num,
     description: String,
+    #[schema(format = DateTime)]
     created_at: Option<String>,
+    /// In the admin listing only
     #[serde(skip_serializing_if = "Option::is_none")]
     org_id: Option<String>,
 }
@@ -151,8 +231,8 @@ pub async fn transactions(
     Query(params): Params,
 ) -> ApiResult {
     let request = pb::ListTransactionsRequest {
-        page: Some(page(&params)?),
-        r#type: type_param(&params)?,
+        page: Some(PageQuery::parse(&params)?),
+        r#type: TypeFilter::parse(&params)?,
     };
     let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
     let r = client
@@ -173,9 +253,9 @@ pub async fn admin_transactions(
     Query(params): Params,
 ) -> ApiResult {
     let request = pb::AdminListTransactionsRequest {
-        page: Some(page(&params)?),
-        org_id: text_param(&params, "org_id"),
-        r#type: type_param(&params)?,
+        page: Some(PageQuery::parse(&params)?),
+        org_id: OrgFilter::parse(&params),
+        r#type: TypeFilter::parse(&params)?,
     };
     let mut client = pb::admin_service_client::AdminServiceClient::new(gw.channel);
     let r = client
@@ -190,9 +270,12 @@ pub async fn admin_transactions(
     Ok(envelope::ok_page(rows, pagination(r.page)))
 }
 
-#[derive(Serialize)]
-struct MonthJson {
+/// One month's movements in credits (`month` absent in the totals).
+#[derive(Serialize, ToSchema)]
+#[schema(as = MonthStat)]
+pub(super) struct MonthJson {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     month: Option<String>,
     consumption: Num,
     purchases: Num,
@@ -213,8 +296,10 @@ fn month_json(m: pb::MonthlyStat) -> MonthJson {
 }
 
 /// Seed 002: `{"success": true, "data": [...], "totals": {...}}`.
-#[derive(Serialize)]
-struct MonthlyJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = MonthlyStats)]
+pub(super) struct MonthlyJson {
+    #[schema(schema_with = super::openapi::true_only)]
     success: bool,
     data: Vec<MonthJson>,
     totals: MonthJson,
@@ -226,7 +311,10 @@ pub async fn monthly(
     Query(params): Params,
 ) -> ApiResult {
     let request = pb::GetMonthlyStatsRequest {
-        months: int_param(&params, "months")?,
+        months: MonthsQuery {
+            months: int_param(&params, "months")?,
+        }
+        .months,
     };
     let mut client = pb::credits_service_client::CreditsServiceClient::new(gw.channel);
     let r = client
@@ -241,24 +329,31 @@ pub async fn monthly(
     .into_response())
 }
 
-#[derive(Serialize)]
-struct BreakdownJson {
+/// One live lot, in whole credits.
+#[derive(Serialize, ToSchema)]
+#[schema(as = LotBreakdown)]
+pub(super) struct BreakdownJson {
     purchase_kind: String,
     allocated_units: i64,
     remaining_units: i64,
+    /// Unix seconds; null for a lot that never expires
     expiry_date: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct ActiveSubscriptionJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = ActiveSubscription)]
+pub(super) struct ActiveSubscriptionJson {
     id: String,
     display_name: String,
     credits: i64,
+    /// Unix seconds
     created_at: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct CreditInfoJson {
+/// Seed 003's answer, not in the envelope; credits are whole units.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CreditInfo)]
+pub(super) struct CreditInfoJson {
     credits: i64,
     breakdown: Vec<BreakdownJson>,
     active_subscription: Option<ActiveSubscriptionJson>,
@@ -279,7 +374,14 @@ fn info_error(status: Status) -> Response {
     } else {
         (api.code, api.status)
     };
-    (http, Json(serde_json::json!({ "error": code }))).into_response()
+    (http, Json(SeedErrorJson { error: code })).into_response()
+}
+
+/// Seed 003's error: `{"error": CODE}`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = SeedError)]
+pub(super) struct SeedErrorJson {
+    error: String,
 }
 
 /// The seed 003 error of a token refused before the call.
@@ -319,19 +421,35 @@ pub async fn user_credit_info(State(gw): State<Gateway>, headers: HeaderMap) -> 
     .into_response()
 }
 
-#[derive(Deserialize)]
+/// A grant (positive `amount`) or debit (negative) by hand. A grant may
+/// expire; a retry with the same `idempotency_key` answers the first
+/// adjustment again.
+#[derive(Deserialize, ToSchema)]
 pub struct ManualBody {
+    #[schema(min_length = 1, max_length = 255, pattern = r"\S")]
     org_id: String,
+    #[schema(schema_with = manual_amount)]
     amount: Box<RawValue>,
+    #[schema(min_length = 1, max_length = 1000, pattern = r"\S")]
     reason: String,
+    /// Grants only; in the future
     #[serde(default)]
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 255)]
     idempotency_key: Option<String>,
 }
 
-#[derive(Serialize)]
-struct ManualJson {
+/// Credits other than 0, at most 10^12 either way.
+fn manual_amount() -> utoipa::openapi::schema::AnyOfBuilder {
+    super::openapi::nonzero_credits()
+}
+
+/// The adjustment's ledger row and the balance after it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ManualAdjustment)]
+pub(super) struct ManualJson {
     transaction_id: String,
     balance: Num,
 }

@@ -14,6 +14,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::value::RawValue;
 use tonic::Status;
 use tonic_types::StatusExt;
+use utoipa::ToSchema;
 
 use crate::{
     domain::{cents_to_decimal, micros_to_decimal},
@@ -45,13 +46,31 @@ fn zero() -> Box<RawValue> {
     serde_json::value::to_raw_value(&0).unwrap_or_default()
 }
 
+/// In the document: a JSON number, exact to its decimals.
+impl utoipa::PartialSchema for Num {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::Number)
+            .description(Some(
+                "An exact decimal: credits with up to 6 decimals, money with up to 2",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Num {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Decimal".into()
+    }
+}
+
 impl Serialize for Num {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.0.serialize(s)
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Pagination {
     pub limit: i32,
     pub offset: i32,
@@ -151,12 +170,18 @@ impl From<Status> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody {
+/// The error envelope: `success` false, a stable `error_code`, a message
+/// naming what is wrong, and any details of the error beside them
+/// (`retry_after`, `cooldown_seconds`, how a hold finished, ...).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub(super) struct ErrorBody {
+    #[schema(schema_with = super::openapi::false_only)]
     success: bool,
     error_code: String,
     message: String,
     #[serde(flatten)]
+    #[schema(ignore)]
     extra: serde_json::Map<String, serde_json::Value>,
 }
 

@@ -4,8 +4,10 @@
 //! business logic: JSON in, gRPC request out, gRPC answer back as JSON, and a
 //! gRPC status as the HTTP status of CONTRACT §4.
 //!
-//! One table ([`routes`]) drives both the axum router and `/openapi.json`, so
-//! the document cannot drift from what is served.
+//! One table ([`routes`]) drives both the axum router and `/openapi.json`;
+//! each route names the Rust types its handler decodes and encodes, and the
+//! document's schemas are derived from those types (see `openapi`), so the
+//! document cannot drift from what is served.
 
 mod admin;
 mod checkin;
@@ -13,6 +15,7 @@ mod credits;
 pub(crate) mod envelope;
 mod openapi;
 mod payments;
+mod whole;
 
 use std::sync::Arc;
 
@@ -29,6 +32,7 @@ use axum::{
 use serde::Serialize;
 use tonic::Request;
 use tower::BoxError;
+use utoipa::ToSchema;
 
 pub use envelope::{ApiError, ApiResult, JsonBody, Num, Pagination};
 pub use openapi::{Access, RouteDoc};
@@ -136,7 +140,9 @@ fn grpc_request<T>(headers: &HeaderMap, message: T) -> Request<T> {
 
 // ---- built routes -------------------------------------------------------
 
-#[derive(Serialize)]
+/// A credit pack on sale; `price` in currency units (`9.99`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Pack)]
 struct PackJson {
     id: String,
     name: String,
@@ -166,11 +172,18 @@ async fn list_packs(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult 
     ))
 }
 
+/// The meters usage is measured in.
+fn meters() -> utoipa::openapi::ObjectBuilder {
+    openapi::one_of(crate::domain::Meter::ALL.map(crate::domain::Meter::as_str))
+}
+
 /// A rate as the public listing shows it; `model` null for the meter's
 /// default rate; `credits_per_unit` in credits.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Rate)]
 struct RateJson {
     id: String,
+    #[schema(schema_with = meters)]
     meter: String,
     unit: String,
     model: Option<String>,
@@ -203,14 +216,17 @@ async fn list_rates(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult 
     ))
 }
 
-/// A plan as the public listing shows it (seed 004).
-#[derive(Serialize)]
+/// A plan as the public listing shows it (seed 004); prices in cents.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Plan)]
 struct PlanJson {
     id: String,
     code: String,
     name: String,
     description: String,
+    /// Cents
     price_monthly: i64,
+    /// Cents
     price_yearly: i64,
     credits_included: i64,
     features: Vec<String>,
@@ -244,7 +260,8 @@ async fn list_plans(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult 
 }
 
 /// A plan as admins see it: every field, inactive plans included.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = AdminPlan)]
 struct AdminPlanJson {
     #[serde(flatten)]
     public: PlanJson,
@@ -347,7 +364,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Credit balance (stored, held, spendable) and this month's consumption",
                 User,
                 "Credits",
-            ),
+            )
+            .data::<credits::BalanceJson>(),
             get(credits::balance),
         ),
         (
@@ -358,8 +376,9 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Credits",
             )
-            .query(&["limit", "offset", "type"])
-            .list(),
+            .query::<credits::PageQuery>()
+            .query::<credits::TypeFilter>()
+            .page::<credits::TransactionJson>(),
             get(credits::transactions),
         ),
         (
@@ -370,7 +389,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Credits",
             )
-            .query(&["months"]),
+            .query::<credits::MonthsQuery>()
+            .bare::<credits::MonthlyJson>(),
             get(credits::monthly),
         ),
         (
@@ -381,14 +401,11 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Public,
                 "Credits",
             )
-            .data("Pack")
-            .list(),
+            .list::<PackJson>(),
             get(list_packs),
         ),
         (
-            doc("GET", "/credits/rates", "Usage rates", Public, "Credits")
-                .data("Rate")
-                .list(),
+            doc("GET", "/credits/rates", "Usage rates", Public, "Credits").list::<RateJson>(),
             get(list_rates),
         ),
         (
@@ -399,7 +416,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Credits",
             )
-            .body("BuyPackBody")
+            .body::<payments::BuyPackBody>()
+            .data::<payments::BuyPackJson>()
             .errors(&[
                 (403, "SUBSCRIPTION_REQUIRED"),
                 (404, "PACK_NOT_FOUND"),
@@ -419,7 +437,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Credits",
             )
-            .seed_errors(),
+            .seed_errors()
+            .bare::<credits::CreditInfoJson>(),
             get(credits::user_credit_info),
         ),
         (
@@ -430,12 +449,13 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Orders",
             )
-            .query(&["limit", "offset"])
-            .list(),
+            .query::<credits::PageQuery>()
+            .page::<payments::OrderJson>(),
             get(payments::list_orders),
         ),
         (
             doc("GET", "/orders/{id}", "One order", User, "Orders")
+                .data::<payments::OrderJson>()
                 .errors(&[(404, "ORDER_NOT_FOUND")]),
             get(payments::get_order),
         ),
@@ -447,8 +467,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Public,
                 "Subscriptions",
             )
-            .data("Plan")
-            .list(),
+            .list::<PlanJson>(),
             get(list_plans),
         ),
         (
@@ -459,14 +478,17 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Subscriptions",
             )
-            .body("PortalBody"),
+            .body::<payments::PortalBody>()
+            .data::<payments::PortalJson>(),
             post(payments::portal),
         ),
         (
-            doc("POST", "/checkin", "Daily check-in", User, "Check-in").errors(&[
-                (409, "ALREADY_CHECKED_IN"),
-                (429, "RESOURCE_EXHAUSTED: the ledger is overloaded; retry"),
-            ]),
+            doc("POST", "/checkin", "Daily check-in", User, "Check-in")
+                .data::<checkin::CheckinJson>()
+                .errors(&[
+                    (409, "ALREADY_CHECKED_IN"),
+                    (429, "RESOURCE_EXHAUSTED: the ledger is overloaded; retry"),
+                ]),
             post(checkin::checkin),
         ),
         (
@@ -476,7 +498,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "Whether the caller has checked in today, and the streak",
                 User,
                 "Check-in",
-            ),
+            )
+            .data::<checkin::StatusJson>(),
             get(checkin::status),
         ),
         (
@@ -487,7 +510,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 User,
                 "Payment",
             )
-            .body("CreateSessionBody")
+            .body::<payments::CreateSessionBody>()
+            .data::<payments::SessionJson>()
             .errors(&[
                 (403, "SUBSCRIPTION_REQUIRED"),
                 (404, "PLAN_NOT_FOUND, PACK_NOT_FOUND"),
@@ -504,7 +528,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Public,
                 "Payment",
             )
-            .raw_body(),
+            .raw_body()
+            .data::<payments::ReceivedJson>(),
             post(payments::stripe_webhook),
         ),
         (
@@ -515,7 +540,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Public,
                 "Payment",
             )
-            .raw_body(),
+            .raw_body()
+            .data::<payments::ReceivedJson>(),
             post(payments::creem_webhook),
         ),
         (
@@ -526,8 +552,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .data("AdminPlan")
-            .list(),
+            .list::<AdminPlanJson>(),
             get(admin_list_plans),
         ),
         (
@@ -538,7 +563,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PlanCreateBody")
+            .body_variant::<admin::PlanBody>("PlanCreateBody", &["code", "name"], &[])
+            .data::<AdminPlanJson>()
             .errors(&[(409, "PLAN_CODE_TAKEN")]),
             post(admin::create_plan),
         ),
@@ -550,7 +576,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PlanBody")
+            .body::<admin::PlanBody>()
+            .data::<AdminPlanJson>()
             .errors(&[(404, "PLAN_NOT_FOUND"), (409, "PLAN_CODE_TAKEN")]),
             axum::routing::put(admin::update_plan),
         ),
@@ -562,7 +589,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .list(),
+            .list::<admin::AdminPackJson>(),
             get(admin::list_packs),
         ),
         (
@@ -573,7 +600,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PackCreateBody")
+            .body_variant::<admin::PackBody>("PackCreateBody", &["code", "name", "credits"], &[])
+            .data::<admin::AdminPackJson>()
             .errors(&[(409, "PACK_CODE_TAKEN")]),
             post(admin::create_pack),
         ),
@@ -585,7 +613,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("PackBody")
+            .body::<admin::PackBody>()
+            .data::<admin::AdminPackJson>()
             .errors(&[(404, "PACK_NOT_FOUND"), (409, "PACK_CODE_TAKEN")]),
             axum::routing::put(admin::update_pack),
         ),
@@ -597,7 +626,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .list(),
+            .list::<admin::AdminRateJson>(),
             get(admin::list_rates),
         ),
         (
@@ -608,7 +637,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("RateCreateBody")
+            .body_variant::<admin::RateBody>("RateCreateBody", &["meter", "credits_per_unit"], &[])
+            .data::<admin::AdminRateJson>()
             .errors(&[(409, "RATE_TAKEN")]),
             post(admin::create_rate),
         ),
@@ -620,7 +650,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("RateBody")
+            .body_variant::<admin::RateBody>("RateUpdateBody", &[], &["meter", "model"])
+            .data::<admin::AdminRateJson>()
             .errors(&[
                 (404, "RATE_NOT_FOUND"),
                 (409, "RATE_TAKEN, DEFAULT_RATE_REQUIRED"),
@@ -635,6 +666,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
+            .data::<admin::AdminRateJson>()
             .errors(&[(404, "RATE_NOT_FOUND"), (409, "DEFAULT_RATE_REQUIRED")]),
             axum::routing::delete(admin::delete_rate),
         ),
@@ -646,7 +678,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .list(),
+            .list::<admin::CouponJson>(),
             get(admin::list_coupons),
         ),
         (
@@ -657,7 +689,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("CouponBody")
+            .body::<admin::CouponBody>()
+            .data::<admin::CouponJson>()
             .errors(&[(409, "COUPON_CODE_TAKEN")]),
             post(admin::create_coupon),
         ),
@@ -669,7 +702,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("CouponUpdateBody")
+            .body::<admin::CouponUpdateBody>()
+            .data::<admin::CouponJson>()
             .errors(&[(404, "COUPON_NOT_FOUND")]),
             axum::routing::put(admin::update_coupon),
         ),
@@ -681,8 +715,10 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .query(&["limit", "offset", "org_id", "type"])
-            .list(),
+            .query::<credits::PageQuery>()
+            .query::<credits::OrgFilter>()
+            .query::<credits::TypeFilter>()
+            .page::<credits::TransactionJson>(),
             get(credits::admin_transactions),
         ),
         (
@@ -693,7 +729,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("ManualBody")
+            .body::<credits::ManualBody>()
+            .data::<credits::ManualJson>()
             .errors(&[
                 (409, "INSUFFICIENT_CREDITS, IDEMPOTENCY_KEY_REUSED"),
                 (429, "RESOURCE_EXHAUSTED: the ledger is overloaded; retry"),
@@ -707,7 +744,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 "The check-in configuration",
                 Admin,
                 "Admin",
-            ),
+            )
+            .data::<checkin::ConfigJson>(),
             get(checkin::get_config),
         ),
         (
@@ -718,7 +756,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .body("CheckinConfigBody"),
+            .body::<checkin::ConfigBody>()
+            .data::<checkin::ConfigJson>(),
             axum::routing::put(checkin::put_config),
         ),
         (
@@ -729,12 +768,14 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Admin,
                 "Admin",
             )
-            .query(&["limit", "offset", "org_id", "action"])
-            .list(),
+            .query::<credits::PageQuery>()
+            .query::<credits::OrgFilter>()
+            .query::<admin::ActionFilter>()
+            .page::<admin::AuditJson>(),
             get(admin::audit),
         ),
         (
-            doc("GET", "/healthz", "Liveness", Public, "Operations").raw_response(),
+            doc("GET", "/healthz", "Liveness", Public, "Operations").operational(),
             get(healthz),
         ),
         (
@@ -745,7 +786,8 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Public,
                 "Operations",
             )
-            .raw_response(),
+            .operational()
+            .errors(&[(503, "NOT_READY: the database does not answer yet")]),
             get(readyz),
         ),
         (
@@ -756,7 +798,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Public,
                 "Operations",
             )
-            .raw_response(),
+            .operational(),
             get(metrics),
         ),
         (
@@ -767,7 +809,7 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
                 Public,
                 "Operations",
             )
-            .raw_response(),
+            .operational(),
             get(openapi_json),
         ),
     ]

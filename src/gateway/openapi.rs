@@ -1,7 +1,30 @@
-//! `/openapi.json`: an OpenAPI 3.0 document generated from the gateway's own
-//! route table, with the envelope and the shapes of the seeds as schemas.
+//! `/openapi.json`: an OpenAPI 3.1 document built from the gateway's route
+//! table ([`super::routes`], which also builds the router) and from the Rust
+//! types the handlers decode and encode.
+//!
+//! Request bodies, response data and query strings derive utoipa's
+//! `ToSchema` / `IntoParams`, with their bounds written as attributes beside
+//! the fields; a field added, renamed or retyped changes the document with
+//! it. What no derive can say is stated here, once: the success envelope,
+//! the error envelopes, the statuses each kind of route answers and the
+//! security scheme. schemathesis (`scripts/clients`) checks every answer of
+//! the running service against this document.
 
-use serde_json::{Map, Value, json};
+use std::{borrow::Cow, collections::BTreeMap};
+
+use utoipa::{
+    IntoParams, ToSchema,
+    openapi::{
+        ArrayBuilder, Components, ComponentsBuilder, ContentBuilder, HttpMethod, InfoBuilder,
+        ObjectBuilder, OpenApi, OpenApiBuilder, PathItem, Paths, Ref, RefOr, Required,
+        ResponseBuilder, Responses, Schema, Type,
+        header::HeaderBuilder,
+        path::{OperationBuilder, Parameter, ParameterBuilder, ParameterIn},
+        request_body::RequestBodyBuilder,
+        schema::{AnyOfBuilder, SchemaFormat, SchemaType},
+        security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
+    },
+};
 
 /// Who may call a REST route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,8 +34,118 @@ pub enum Access {
     Admin,
 }
 
+/// A Rust type's place in the document: its component name, its schema,
+/// and the components it refers to. A *variant* is the same type shown
+/// under another name with more fields required or some left out (a
+/// creation body is its update body with the fields a creation needs
+/// required).
+#[derive(Clone, Copy)]
+pub struct TypeDoc {
+    name: fn() -> Cow<'static, str>,
+    schema: fn() -> RefOr<Schema>,
+    refs: fn(&mut Vec<(String, RefOr<Schema>)>),
+    variant: Option<Variant>,
+}
+
+#[derive(Clone, Copy)]
+struct Variant {
+    name: &'static str,
+    required: &'static [&'static str],
+    omitted: &'static [&'static str],
+}
+
+impl TypeDoc {
+    pub fn of<T: ToSchema>() -> Self {
+        Self {
+            name: T::name,
+            schema: T::schema,
+            refs: T::schemas,
+            variant: None,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self.variant {
+            Some(v) => v.name.to_owned(),
+            None => (self.name)().into_owned(),
+        }
+    }
+
+    fn reference(&self) -> RefOr<Schema> {
+        RefOr::Ref(Ref::from_schema_name(self.name()))
+    }
+
+    /// This type's schema and every schema it refers to, by name.
+    fn components(&self, into: &mut BTreeMap<String, RefOr<Schema>>) {
+        let mut schema = (self.schema)();
+        if let (Some(v), RefOr::T(Schema::Object(object))) = (self.variant, &mut schema) {
+            for field in v.omitted {
+                object.properties.shift_remove(*field);
+                object.required.retain(|r| r != field);
+            }
+            for field in v.required {
+                if !object.required.iter().any(|r| r == field) {
+                    object.required.push((*field).to_owned());
+                }
+                // A required field cannot be null.
+                if let Some(RefOr::T(Schema::Object(property))) = object.properties.get_mut(*field)
+                {
+                    not_null(property);
+                }
+            }
+        }
+        into.insert(self.name(), schema);
+        let mut refs = Vec::new();
+        (self.refs)(&mut refs);
+        into.extend(refs);
+    }
+}
+
+/// `property` without `null` among its types and values.
+fn not_null(property: &mut utoipa::openapi::schema::Object) {
+    if let SchemaType::Array(types) = &property.schema_type {
+        let mut types: Vec<Type> = types
+            .iter()
+            .filter(|t| **t != Type::Null)
+            .cloned()
+            .collect();
+        property.schema_type = match types.len() {
+            1 => SchemaType::Type(types.remove(0)),
+            _ => SchemaType::Array(types),
+        };
+    }
+    if let Some(values) = &mut property.enum_values {
+        values.retain(|v| !v.is_null());
+    }
+}
+
+/// What a success answers.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// `{"success": true, "data": T}`.
+    Data(TypeDoc),
+    /// `{"success": true, "data": [T]}`.
+    List(TypeDoc),
+    /// `{"success": true, "data": [T], "pagination": …}`.
+    Page(TypeDoc),
+    /// `T` itself, not in the envelope (the seeds' own shapes).
+    Bare(TypeDoc),
+    /// Not JSON of this API (probes, metrics, this document): never
+    /// refused for overload, no error envelope.
+    Operational,
+}
+
+/// What a request carries as its body.
+#[derive(Clone, Copy)]
+enum Body {
+    None,
+    Json(TypeDoc),
+    /// Raw bytes taken as they come (webhooks: the signature covers them).
+    Raw,
+}
+
 /// What the OpenAPI document says of one route.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RouteDoc {
     pub method: &'static str,
     /// axum and OpenAPI share the `{param}` syntax.
@@ -20,17 +153,15 @@ pub struct RouteDoc {
     pub summary: &'static str,
     pub access: Access,
     pub tag: &'static str,
-    pub query: &'static [&'static str],
-    pub body: Option<&'static str>,
-    pub raw_body: bool,
-    pub data: Option<&'static str>,
-    pub list: bool,
-    pub raw_response: bool,
+    /// The query string: each type a handler parses part of it into.
+    query: Vec<fn() -> Vec<Parameter>>,
+    body: Body,
+    answer: Answer,
     /// Statuses beyond the ones every route of its kind can answer, each
     /// with the error codes it carries.
-    pub errors: &'static [(u16, &'static str)],
+    errors: &'static [(u16, &'static str)],
     /// Errors in seed 003's `{"error": CODE}` shape, a bad token as 402.
-    pub seed_errors: bool,
+    seed_errors: bool,
 }
 
 impl RouteDoc {
@@ -47,12 +178,9 @@ impl RouteDoc {
             summary,
             access,
             tag,
-            query: &[],
-            body: None,
-            raw_body: false,
-            data: None,
-            list: false,
-            raw_response: false,
+            query: Vec::new(),
+            body: Body::None,
+            answer: Answer::Operational,
             errors: &[],
             seed_errors: false,
         }
@@ -70,439 +198,493 @@ impl RouteDoc {
         self
     }
 
-    pub fn query(mut self, names: &'static [&'static str]) -> Self {
-        self.query = names;
+    /// Parameters of the query string, as the type the handler parses
+    /// them into.
+    pub fn query<Q: IntoParams>(mut self) -> Self {
+        self.query
+            .push(|| Q::into_params(|| Some(ParameterIn::Query)));
         self
     }
 
-    /// A JSON request body of the named schema.
-    pub fn body(mut self, schema: &'static str) -> Self {
-        self.body = Some(schema);
+    /// A JSON request body of type `T`.
+    pub fn body<T: ToSchema>(mut self) -> Self {
+        self.body = Body::Json(TypeDoc::of::<T>());
         self
     }
 
-    /// A request body taken as raw bytes (webhooks: the signature covers them).
+    /// A JSON request body of type `T`, shown as `name` with the fields
+    /// `required` required and the fields `omitted` left out.
+    pub fn body_variant<T: ToSchema>(
+        mut self,
+        name: &'static str,
+        required: &'static [&'static str],
+        omitted: &'static [&'static str],
+    ) -> Self {
+        let mut doc = TypeDoc::of::<T>();
+        doc.variant = Some(Variant {
+            name,
+            required,
+            omitted,
+        });
+        self.body = Body::Json(doc);
+        self
+    }
+
+    /// A request body taken as raw bytes (webhooks).
     pub fn raw_body(mut self) -> Self {
-        self.raw_body = true;
+        self.body = Body::Raw;
         self
     }
 
-    /// The named schema of `data` in the success envelope.
-    pub fn data(mut self, schema: &'static str) -> Self {
-        self.data = Some(schema);
+    /// `data` of the success envelope is a `T`.
+    pub fn data<T: ToSchema>(mut self) -> Self {
+        self.answer = Answer::Data(TypeDoc::of::<T>());
         self
     }
 
-    /// `data` is an array.
-    pub fn list(mut self) -> Self {
-        self.list = true;
+    /// `data` is an array of `T`.
+    pub fn list<T: ToSchema>(mut self) -> Self {
+        self.answer = Answer::List(TypeDoc::of::<T>());
         self
     }
 
-    /// The answer is not in the envelope (probes, metrics, this document).
-    pub fn raw_response(mut self) -> Self {
-        self.raw_response = true;
+    /// `data` is a page of `T`, with `pagination` beside it.
+    pub fn page<T: ToSchema>(mut self) -> Self {
+        self.answer = Answer::Page(TypeDoc::of::<T>());
         self
+    }
+
+    /// The answer is a `T`, not in the envelope.
+    pub fn bare<T: ToSchema>(mut self) -> Self {
+        self.answer = Answer::Bare(TypeDoc::of::<T>());
+        self
+    }
+
+    /// A probe, a metrics page or a document: no envelope, never refused.
+    pub fn operational(mut self) -> Self {
+        self.answer = Answer::Operational;
+        self
+    }
+
+    fn types(&self) -> impl Iterator<Item = TypeDoc> {
+        let body = match self.body {
+            Body::Json(t) => Some(t),
+            Body::None | Body::Raw => None,
+        };
+        let answer = match self.answer {
+            Answer::Data(t) | Answer::List(t) | Answer::Page(t) | Answer::Bare(t) => Some(t),
+            Answer::Operational => None,
+        };
+        body.into_iter().chain(answer)
     }
 }
 
-fn schema_ref(name: &str) -> Value {
-    json!({ "$ref": format!("#/components/schemas/{name}") })
+/// `false`, the only value (the error envelope's `success`).
+pub fn false_only() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Boolean)
+        .enum_values(Some([false]))
 }
 
-fn query_param(name: &str) -> Value {
-    let (schema, description) = match name {
-        "limit" => (
-            json!({"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
-            "Rows per page",
-        ),
-        "offset" => (
-            json!({"type": "integer", "minimum": 0, "maximum": 2_147_483_647, "default": 0}),
-            "Rows to skip",
-        ),
-        "months" => (
-            json!({"type": "integer", "minimum": 1, "maximum": 24, "default": 12}),
-            "Months up to and including the current one",
-        ),
-        "type" => (
-            json!({"type": "string", "enum": ["purchase", "grant", "ai_usage", "storage_egress", "checkin", "coupon", "manual", "refund", "expiry", "reservation"]}),
-            "Only rows of this transaction type",
-        ),
-        "org_id" => (
-            json!({"type": "string", "maxLength": 255}),
-            "Only this organization",
-        ),
-        "action" => (
-            json!({"type": "string", "maxLength": 64}),
-            "Only entries of this action (plan.create, coupon.create, checkin_config.update, manual_adjust, ...)",
-        ),
-        _ => (json!({"type": "string"}), ""),
+/// `true`, the only value (a success's `success`).
+pub fn true_only() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Boolean)
+        .enum_values(Some([true]))
+}
+
+/// A string that is one of `values`.
+pub fn one_of(values: impl IntoIterator<Item = &'static str>) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+}
+
+/// An optional (nullable) string that is one of `values`.
+pub fn maybe_one_of(values: impl IntoIterator<Item = &'static str>) -> ObjectBuilder {
+    let mut values: Vec<Option<&'static str>> = values.into_iter().map(Some).collect();
+    values.push(None);
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(values))
+}
+
+/// Credits as a JSON number with up to 6 decimals, other than 0, at most
+/// 10^12 either way.
+pub fn nonzero_credits() -> AnyOfBuilder {
+    let max = MAX_CREDITS;
+    let side = || {
+        ObjectBuilder::new()
+            .schema_type(Type::Number)
+            .multiple_of(Some(0.000001))
     };
-    json!({ "name": name, "in": "query", "required": false, "schema": schema, "description": description })
+    AnyOfBuilder::new()
+        .item(side().exclusive_minimum(Some(0)).maximum(Some(max)))
+        .item(side().minimum(Some(-max)).exclusive_maximum(Some(0)))
+        .description(Some(
+            "Credits, up to 6 decimals; positive grants, negative debits; never 0",
+        ))
 }
 
-fn operation(doc: &RouteDoc) -> Value {
-    let mut op = Map::new();
-    op.insert("summary".into(), doc.summary.into());
-    op.insert("tags".into(), json!([doc.tag]));
-    let id: String = format!("{} {}", doc.method.to_lowercase(), doc.path)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    op.insert("operationId".into(), id.into());
-
-    let mut params: Vec<Value> = doc
-        .path
-        .split('/')
-        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 64} }))
-        .collect();
-    params.extend(doc.query.iter().map(|name| query_param(name)));
-    if !params.is_empty() {
-        op.insert("parameters".into(), Value::Array(params));
-    }
-
-    if let Some(body) = doc.body {
-        op.insert(
-            "requestBody".into(),
-            json!({ "required": true, "content": { "application/json": { "schema": schema_ref(body) } } }),
-        );
-    } else if doc.raw_body {
-        op.insert(
-            "requestBody".into(),
-            json!({ "required": true, "content": { "application/json": { "schema": { "type": "object" } } } }),
-        );
-    }
-
-    let data = match (doc.data, doc.list) {
-        (Some(name), true) => json!({ "type": "array", "items": schema_ref(name) }),
-        (Some(name), false) => schema_ref(name),
-        (None, true) => json!({ "type": "array", "items": {} }),
-        (None, false) => json!({}),
-    };
-    let ok = if doc.raw_response {
-        json!({ "description": "OK" })
+/// An absolute http(s) URL (blank counts as not given where the field is
+/// optional); `null` allowed when `nullable`.
+pub fn url(nullable: bool) -> ObjectBuilder {
+    let kind = if nullable {
+        SchemaType::from_iter([Type::String, Type::Null])
     } else {
-        let mut props = json!({ "success": { "type": "boolean" }, "data": data });
-        if doc.list
-            && let Some(p) = props.as_object_mut()
-        {
-            p.insert("pagination".into(), schema_ref("Pagination"));
-        }
-        json!({
-            "description": "OK",
-            "content": { "application/json": { "schema": { "type": "object", "properties": props } } }
-        })
+        SchemaType::Type(Type::String)
     };
-    let error_schema = if doc.seed_errors {
+    ObjectBuilder::new()
+        .schema_type(kind)
+        .format(Some(SchemaFormat::Custom("uri".to_owned())))
+        .max_length(Some(2048))
+        .pattern(Some(r"^https?://\S+$"))
+}
+
+/// Credits as a JSON number with up to 6 decimals, from 0 to 10^12;
+/// `null` allowed when `nullable` (the field is then as if not given).
+pub fn credits_at_least_0(nullable: bool) -> ObjectBuilder {
+    let kind = if nullable {
+        SchemaType::from_iter([Type::Number, Type::Null])
+    } else {
+        SchemaType::Type(Type::Number)
+    };
+    ObjectBuilder::new()
+        .schema_type(kind)
+        .minimum(Some(0))
+        .maximum(Some(MAX_CREDITS))
+        .multiple_of(Some(0.000001))
+        .description(Some("Credits, up to 6 decimals"))
+}
+
+/// The most credits one amount or balance may hold.
+const MAX_CREDITS: i64 = crate::ledger::model::MAX_MICROS / crate::domain::MICROS_PER_CREDIT;
+
+fn json_content(schema: impl Into<RefOr<Schema>>) -> utoipa::openapi::Content {
+    ContentBuilder::new().schema(Some(schema)).build()
+}
+
+fn envelope(data: RefOr<Schema>, paged: bool) -> Schema {
+    let mut object = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("success", true_only())
+        .required("success")
+        .property("data", data)
+        .required("data");
+    if paged {
+        object = object
+            .property("pagination", Ref::from_schema_name("Pagination"))
+            .required("pagination");
+    }
+    object.build().into()
+}
+
+fn array_of(t: &TypeDoc) -> RefOr<Schema> {
+    ArrayBuilder::new().items(t.reference()).build().into()
+}
+
+fn path_parameters(path: &str) -> Vec<Parameter> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|name| {
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .min_length(Some(1))
+                        .max_length(Some(64)),
+                ))
+                .build()
+        })
+        .collect()
+}
+
+fn error_response(schema: &str, description: &str) -> ResponseBuilder {
+    ResponseBuilder::new().description(description).content(
+        "application/json",
+        json_content(Ref::from_schema_name(schema)),
+    )
+}
+
+fn responses(doc: &RouteDoc) -> Responses {
+    let ok = ResponseBuilder::new().description("OK");
+    let ok = match doc.answer {
+        Answer::Data(t) => ok.content(
+            "application/json",
+            json_content(envelope(t.reference(), false)),
+        ),
+        Answer::List(t) => ok.content(
+            "application/json",
+            json_content(envelope(array_of(&t), false)),
+        ),
+        Answer::Page(t) => ok.content(
+            "application/json",
+            json_content(envelope(array_of(&t), true)),
+        ),
+        Answer::Bare(t) => ok.content("application/json", json_content(t.reference())),
+        Answer::Operational => ok,
+    };
+    let own = if doc.seed_errors {
         "SeedError"
     } else {
         "Error"
     };
-    let error =
-        json!({ "content": { "application/json": { "schema": schema_ref(error_schema) } } });
-    let mut responses = Map::new();
-    responses.insert("200".into(), ok);
-    let mut add_error = |code: u16, description: &str| {
-        let mut e = error.clone();
-        if let Some(obj) = e.as_object_mut() {
-            obj.insert("description".into(), description.into());
-        }
-        responses.insert(code.to_string(), e);
+    // Each error status with its schema and what it means; a status two
+    // rules can answer says both.
+    let mut errors: BTreeMap<u16, (&str, String)> = BTreeMap::new();
+    let mut add = |status: u16, schema: &'static str, description: &str| {
+        errors
+            .entry(status)
+            .and_modify(|(_, d)| {
+                d.push_str("; ");
+                d.push_str(description);
+            })
+            .or_insert((schema, description.to_owned()));
     };
-    if !doc.raw_response {
-        add_error(
-            400,
-            "Invalid input (the message names the field) or a failed business rule",
-        );
-        add_error(500, "Internal error");
-        add_error(
-            503,
-            "The database or a payment provider is unreachable, or the service is shutting down; retry",
-        );
-    }
-    if doc.body.is_some() {
-        add_error(413, "PAYLOAD_TOO_LARGE: the body is over 1 MiB");
-        add_error(
-            415,
-            "UNSUPPORTED_MEDIA_TYPE: the body is not sent as application/json",
-        );
-    }
-    if doc.access != Access::Public {
-        if doc.seed_errors {
-            add_error(402, "INVALID_API_KEY: missing, invalid or expired token");
-        } else {
-            add_error(401, "UNAUTHORIZED: missing, invalid or expired token");
+    match doc.answer {
+        Answer::Data(_) | Answer::List(_) | Answer::Page(_) | Answer::Bare(_) => {
+            add(
+                400,
+                own,
+                "INVALID_ARGUMENT: invalid input (the message names the field), or a failed business rule",
+            );
+            add(500, own, "INTERNAL: internal error");
+            add(
+                503,
+                own,
+                "UNAVAILABLE: the database or a payment provider is unreachable, or the service is shutting down; retry",
+            );
+            // The overload guard answers before any route, in the envelope.
+            add(
+                429,
+                "Error",
+                "RESOURCE_EXHAUSTED: the server is answering as many requests as it may; retry after Retry-After seconds",
+            );
+            add(
+                504,
+                "Error",
+                "TIMEOUT: not answered within the server's REQUEST_TIMEOUT_SECONDS",
+            );
         }
-        add_error(403, "FORBIDDEN: the token's role may not call this route");
-        op.insert("security".into(), json!([{ "bearerAuth": [] }]));
+        // Never refused for overload.
+        Answer::Operational => {}
+    }
+    match doc.body {
+        Body::Json(_) => {
+            add(413, "Error", "PAYLOAD_TOO_LARGE: the body is over 1 MiB");
+            add(
+                415,
+                "Error",
+                "UNSUPPORTED_MEDIA_TYPE: the body is not sent as application/json",
+            );
+        }
+        Body::Raw => add(413, "Error", "PAYLOAD_TOO_LARGE: the body is over 1 MiB"),
+        Body::None => {}
+    }
+    match doc.access {
+        Access::Public => {}
+        Access::User | Access::Admin => {
+            if doc.seed_errors {
+                add(
+                    402,
+                    own,
+                    "INVALID_API_KEY: missing, invalid or expired token",
+                );
+            } else {
+                add(401, own, "UNAUTHORIZED: missing, invalid or expired token");
+            }
+            add(
+                403,
+                own,
+                "FORBIDDEN: the token's role may not call this route",
+            );
+        }
     }
     for (status, codes) in doc.errors {
-        add_error(*status, codes);
+        add(*status, own, codes);
     }
-    op.insert("responses".into(), Value::Object(responses));
-    Value::Object(op)
+    let mut responses = vec![("200".to_owned(), ok.build())];
+    for (status, (schema, description)) in errors {
+        let mut response = error_response(schema, &description);
+        if status == 429 {
+            let retry_after = HeaderBuilder::new()
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .minimum(Some(1)),
+                ))
+                .description(Some("Seconds to wait"))
+                .build();
+            response = response.header("Retry-After", retry_after);
+        }
+        responses.push((status.to_string(), response.build()));
+    }
+    utoipa::openapi::ResponsesBuilder::new()
+        .responses_from_iter(responses)
+        .build()
 }
 
-/// The request bodies a creation takes: the update body's fields, with
-/// the ones a creation needs required.
-const CREATE_VARIANTS: &[(&str, &str, &[&str])] = &[
-    ("PlanCreateBody", "PlanBody", &["code", "name"]),
-    ("PackCreateBody", "PackBody", &["code", "name", "credits"]),
-    ("RateCreateBody", "RateBody", &["meter", "credits_per_unit"]),
-];
-
-/// Fields an update cannot take (the update schema leaves them out).
-const UPDATE_OMITS: &[(&str, &[&str])] = &[("RateBody", &["meter", "model"])];
-
-fn schemas() -> Value {
-    let mut all = base_schemas();
-    if let Some(map) = all.as_object_mut() {
-        for (name, base, required) in CREATE_VARIANTS {
-            if let Some(mut schema) = map.get(*base).cloned()
-                && let Some(obj) = schema.as_object_mut()
-            {
-                obj.insert("required".into(), json!(required));
-                map.insert((*name).into(), schema);
-            }
-        }
-        for (name, omitted) in UPDATE_OMITS {
-            if let Some(props) = map
-                .get_mut(*name)
-                .and_then(|s| s.get_mut("properties"))
-                .and_then(Value::as_object_mut)
-            {
-                for field in *omitted {
-                    props.remove(*field);
-                }
-            }
-        }
-        // In a request body an optional field may be sent as null, which
-        // the service takes as "not given".
-        for (name, schema) in map.iter_mut() {
-            if !name.ends_with("Body") {
-                continue;
-            }
-            let required: Vec<String> = schema["required"]
-                .as_array()
-                .map(|r| {
-                    r.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if let Some(props) = schema["properties"].as_object_mut() {
-                for (field, prop) in props.iter_mut() {
-                    if !required.contains(field)
-                        && let Some(p) = prop.as_object_mut()
-                    {
-                        p.insert("nullable".into(), true.into());
-                    }
-                }
-            }
+fn operation(doc: &RouteDoc) -> utoipa::openapi::path::Operation {
+    let id: String = format!("{} {}", doc.method.to_lowercase(), doc.path)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let mut parameters = path_parameters(doc.path);
+    for query in &doc.query {
+        parameters.extend(query());
+    }
+    let mut op = OperationBuilder::new()
+        .summary(Some(doc.summary))
+        .tag(doc.tag)
+        .operation_id(Some(id))
+        .responses(responses(doc));
+    if !parameters.is_empty() {
+        op = op.parameters(Some(parameters));
+    }
+    let body = match doc.body {
+        Body::Json(t) => Some(t.reference()),
+        Body::Raw => Some(
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .build()
+                .into(),
+        ),
+        Body::None => None,
+    };
+    if let Some(schema) = body {
+        op = op.request_body(Some(
+            RequestBodyBuilder::new()
+                .required(Some(Required::True))
+                .content("application/json", json_content(schema))
+                .build(),
+        ));
+    }
+    match doc.access {
+        Access::Public => {}
+        Access::User | Access::Admin => {
+            op = op.security(SecurityRequirement::new("bearerAuth", Vec::<String>::new()));
         }
     }
-    all
+    op.build()
 }
 
-fn base_schemas() -> Value {
-    let credits = json!({ "type": "number", "description": "Credits, up to 6 decimals" });
-    let credits_at_least_0 = json!({ "type": "number", "minimum": 0, "maximum": 1_000_000_000_000_i64, "multipleOf": 0.000001, "description": "Credits, up to 6 decimals" });
-    json!({
-        "Error": {
-            "type": "object",
-            "required": ["success", "error_code", "message"],
-            "properties": {
-                "success": { "type": "boolean", "enum": [false] },
-                "error_code": { "type": "string" },
-                "message": { "type": "string" }
-            }
-        },
-        "SeedError": {
-            "type": "object",
-            "required": ["error"],
-            "properties": { "error": { "type": "string" } }
-        },
-        "Pagination": {
-            "type": "object",
-            "properties": {
-                "limit": { "type": "integer" }, "offset": { "type": "integer" },
-                "total": { "type": "integer" }, "has_more": { "type": "boolean" }
-            }
-        },
-        "Pack": {
-            "type": "object",
-            "properties": {
-                "id": { "type": "string" }, "name": { "type": "string" }, "code": { "type": "string" },
-                "credits": { "type": "integer" }, "price": { "type": "number", "description": "USD" }
-            }
-        },
-        "Rate": {
-            "type": "object",
-            "properties": {
-                "id": { "type": "string" },
-                "meter": { "type": "string", "enum": ["storage_egress", "ai_tokens"] },
-                "unit": { "type": "string" },
-                "model": { "type": "string", "nullable": true },
-                "credits_per_unit": credits,
-                "description": { "type": "string" }
-            }
-        },
-        "Plan": {
-            "type": "object",
-            "properties": {
-                "id": { "type": "string" }, "code": { "type": "string" }, "name": { "type": "string" },
-                "description": { "type": "string" },
-                "price_monthly": { "type": "integer", "description": "cents" },
-                "price_yearly": { "type": "integer", "description": "cents" },
-                "credits_included": { "type": "integer" },
-                "features": { "type": "array", "items": { "type": "string" } }
-            }
-        },
-        "AdminPlan": {
-            "allOf": [
-                schema_ref("Plan"),
-                {
-                    "type": "object",
-                    "properties": {
-                        "tier": { "type": "integer" }, "currency": { "type": "string" }, "active": { "type": "boolean" },
-                        "stripe_price_monthly": { "type": "string", "nullable": true },
-                        "stripe_price_yearly": { "type": "string", "nullable": true },
-                        "creem_product_id": { "type": "string", "nullable": true }
-                    }
-                }
-            ]
-        },
-        "BuyPackBody": {
-            "type": "object",
-            "required": ["packId"],
-            "properties": {
-                "packId": { "type": "string" }, "success_url": { "type": "string", "format": "uri", "pattern": "^https?://" }, "cancel_url": { "type": "string", "format": "uri", "pattern": "^https?://" },
-                "coupon_code": { "type": "string" }, "channel": { "type": "string", "enum": ["stripe", "creem"] }
-            }
-        },
-        "CreateSessionBody": {
-            "type": "object",
-            "required": ["channel", "type", "success_url", "cancel_url"],
-            "properties": {
-                "channel": { "type": "string", "enum": ["stripe", "creem"] },
-                "type": { "type": "string", "enum": ["subscription", "pack"] },
-                "plan_id": { "type": "string" }, "pack_id": { "type": "string" },
-                "billing_period": { "type": "string", "enum": ["monthly", "yearly"] },
-                "success_url": { "type": "string", "format": "uri", "pattern": "^https?://" }, "cancel_url": { "type": "string", "format": "uri", "pattern": "^https?://" },
-                "coupon_code": { "type": "string" }
-            }
-        },
-        "PortalBody": {
-            "type": "object", "required": ["return_url"],
-            "properties": { "return_url": { "type": "string", "format": "uri", "pattern": "^https?://" } }
-        },
-        "PlanBody": {
-            "type": "object",
-            "properties": {
-                "code": { "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$" },
-                "name": { "type": "string", "minLength": 1, "maxLength": 255 },
-                "description": { "type": "string", "maxLength": 1000 },
-                "tier": { "type": "integer", "minimum": 0, "maximum": 100 },
-                "price_monthly": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64, "description": "cents" },
-                "price_yearly": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64, "description": "cents" },
-                "currency": { "type": "string", "pattern": "^[A-Za-z]{3}$" },
-                "credits_included": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64 },
-                "features": { "type": "array", "maxItems": 50, "items": { "type": "string", "minLength": 1, "maxLength": 255 } },
-                "active": { "type": "boolean" },
-                "stripe_price_monthly": { "type": "string", "maxLength": 255 }, "stripe_price_yearly": { "type": "string", "maxLength": 255 },
-                "creem_product_id": { "type": "string", "maxLength": 255 }
-            }
-        },
-        "PackBody": {
-            "type": "object",
-            "properties": {
-                "code": { "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$" },
-                "name": { "type": "string", "minLength": 1, "maxLength": 255 },
-                "credits": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64 },
-                "price_cents": { "type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_i64 },
-                "currency": { "type": "string", "pattern": "^[A-Za-z]{3}$" },
-                "limit_per_cycle": { "type": "integer", "minimum": 0, "maximum": 1000 },
-                "lot_expiry_days": { "type": "integer", "minimum": 1, "maximum": 3650 },
-                "active": { "type": "boolean" },
-                "stripe_price_id": { "type": "string", "maxLength": 255 },
-                "creem_product_id": { "type": "string", "maxLength": 255 }
-            }
-        },
-        "RateBody": {
-            "type": "object",
-            "description": "On PUT `meter` and `model` cannot be given (a rate for another meter or model is a new rate).",
-            "properties": {
-                "meter": { "type": "string", "enum": ["storage_egress", "ai_tokens"] },
-                "model": { "type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9._:/-]+$", "description": "Omit for the meter's default rate" },
-                "credits_per_unit": { "type": "number", "minimum": 0, "maximum": 1_000_000_000_000_i64, "multipleOf": 0.000001, "description": "Credits one unit (1 GB, 1M tokens) costs" },
-                "description": { "type": "string", "maxLength": 255 },
-                "active": { "type": "boolean", "description": "A default rate cannot be switched off" }
-            }
-        },
-        "CouponBody": {
-            "type": "object", "required": ["code", "kind", "value"],
-            "properties": {
-                "code": { "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$" },
-                "kind": { "type": "string", "enum": ["percent_off", "amount_off", "bonus_credits"] },
-                "value": { "type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_i64, "description": "percent_off: 1-100 percent; amount_off: cents; bonus_credits: whole credits" },
-                "max_redemptions": { "type": "integer", "minimum": 1, "maximum": 2_147_483_647 },
-                "expires_at": { "type": "string", "format": "date-time" },
-                "active": { "type": "boolean" }
-            }
-        },
-        "CouponUpdateBody": {
-            "type": "object", "additionalProperties": false,
-            "description": "Only the fields given change; code, kind and value cannot",
-            "properties": {
-                "active": { "type": "boolean" },
-                "max_redemptions": { "type": "integer", "minimum": 1, "maximum": 2_147_483_647 },
-                "expires_at": { "type": "string", "format": "date-time", "description": "In the future" }
-            }
-        },
-        "ManualBody": {
-            "type": "object", "required": ["org_id", "amount", "reason"],
-            "properties": {
-                "org_id": { "type": "string" },
-                "amount": { "type": "number", "minimum": -1_000_000_000_000_i64, "maximum": 1_000_000_000_000_i64, "multipleOf": 0.000001, "not": { "enum": [0] }, "description": "Credits, up to 6 decimals; positive grants, negative debits" },
-                "reason": { "type": "string" },
-                "expires_at": { "type": "string", "format": "date-time" },
-                "idempotency_key": { "type": "string" }
-            }
-        },
-        "CheckinConfigBody": {
-            "type": "object",
-            "required": ["enabled", "credits_per_day", "lot_expiry_days"],
-            "properties": {
-                "enabled": { "type": "boolean" }, "credits_per_day": credits_at_least_0.clone(),
-                "lot_expiry_days": { "type": "integer", "minimum": 1, "maximum": 3650 }, "streak_bonus": credits_at_least_0
-            }
+fn http_method(method: &str) -> Option<HttpMethod> {
+    match method {
+        "GET" => Some(HttpMethod::Get),
+        "POST" => Some(HttpMethod::Post),
+        "PUT" => Some(HttpMethod::Put),
+        "DELETE" => Some(HttpMethod::Delete),
+        "PATCH" => Some(HttpMethod::Patch),
+        _ => None,
+    }
+}
+
+fn components(routes: &[RouteDoc]) -> Components {
+    let mut schemas = BTreeMap::new();
+    for t in [
+        TypeDoc::of::<super::envelope::ErrorBody>(),
+        TypeDoc::of::<super::credits::SeedErrorJson>(),
+        TypeDoc::of::<super::Pagination>(),
+    ] {
+        t.components(&mut schemas);
+    }
+    for route in routes {
+        for t in route.types() {
+            t.components(&mut schemas);
         }
-    })
+    }
+    ComponentsBuilder::new()
+        .schemas_from_iter(schemas)
+        .security_scheme(
+            "bearerAuth",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        )
+        .build()
 }
 
 /// The whole document for `routes`.
-pub fn document(routes: &[RouteDoc]) -> Value {
-    let mut paths = Map::new();
+pub fn document(routes: &[RouteDoc]) -> OpenApi {
+    let mut paths = Paths::new();
     for doc in routes {
-        let entry = paths
-            .entry(doc.path.to_owned())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Some(item) = entry.as_object_mut() {
-            item.insert(doc.method.to_lowercase(), operation(doc));
+        if let Some(method) = http_method(doc.method) {
+            let item = PathItem::new(method, operation(doc));
+            match paths.paths.get_mut(doc.path) {
+                Some(existing) => existing.merge_operations(item),
+                None => {
+                    paths.paths.insert(doc.path.to_owned(), item);
+                }
+            }
         }
     }
-    json!({
-        "openapi": "3.0.3",
-        "info": {
-            "title": "Billing service REST gateway",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Credits, packs, subscriptions, check-in and payments. Every route is a translation of a billing.v1 gRPC call."
-        },
-        "paths": paths,
-        "components": {
-            "securitySchemes": { "bearerAuth": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } },
-            "schemas": schemas()
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("Billing service REST gateway")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "Credits, packs, subscriptions, check-in and payments. Every route is a translation of a billing.v1 gRPC call.",
+                )),
+        )
+        .paths(paths)
+        .components(Some(components(routes)))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overload::{Protocol, Rest};
+
+    /// A route left without a declared answer would be documented as a
+    /// probe: only the routes the overload guard never refuses may be.
+    #[test]
+    fn only_never_refused_routes_are_operational() {
+        for (doc, _) in super::super::routes() {
+            let operational = matches!(doc.answer, Answer::Operational);
+            let exempt = <Rest as Protocol<axum::body::Body>>::exempt(doc.path);
+            assert_eq!(operational, exempt, "{} {}", doc.method, doc.path);
         }
-    })
+    }
+
+    #[test]
+    fn a_creation_variant_requires_its_fields_and_refuses_null_for_them() {
+        let routes: Vec<RouteDoc> = super::super::routes().into_iter().map(|(d, _)| d).collect();
+        let doc = serde_json::to_value(document(&routes)).expect("serializes");
+        let plan = &doc["components"]["schemas"]["PlanCreateBody"];
+        assert_eq!(plan["required"], serde_json::json!(["code", "name"]));
+        assert_eq!(plan["properties"]["code"]["type"], "string");
+        assert_eq!(
+            plan["properties"]["description"]["type"],
+            serde_json::json!(["string", "null"])
+        );
+        let rate = &doc["components"]["schemas"]["RateCreateBody"];
+        assert_eq!(
+            rate["properties"]["meter"]["enum"],
+            serde_json::json!(["storage_egress", "ai_tokens"])
+        );
+        let update = &doc["components"]["schemas"]["RateUpdateBody"]["properties"];
+        assert!(update.get("meter").is_none() && update.get("model").is_none());
+    }
+
+    #[test]
+    fn every_reference_names_a_component() {
+        let routes: Vec<RouteDoc> = super::super::routes().into_iter().map(|(d, _)| d).collect();
+        let doc = serde_json::to_value(document(&routes)).expect("serializes");
+        let text = doc.to_string();
+        for reference in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+            let name = reference.split('"').next().unwrap_or_default();
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "no component {name}"
+            );
+        }
+    }
 }

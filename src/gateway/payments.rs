@@ -9,21 +9,32 @@ use axum::{
     http::HeaderMap,
 };
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{ApiResult, Gateway, JsonBody, Num, credits, envelope, grpc_request};
-use crate::pb;
+use crate::{
+    payments::purchase::{Channel, Period},
+    pb,
+};
 
-#[derive(Serialize)]
-struct OrderJson {
+/// An order: a pack bought or a subscription period paid; `amount` in
+/// currency units (`19.99`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Order)]
+pub(super) struct OrderJson {
     id: String,
+    /// `pack` or `subscription`
     kind: String,
     status: String,
     pack_id: Option<String>,
     plan_id: Option<String>,
     amount: Num,
     currency: String,
+    #[schema(schema_with = channels)]
     channel: String,
+    #[schema(format = DateTime)]
     created_at: Option<String>,
+    #[schema(format = DateTime)]
     paid_at: Option<String>,
 }
 
@@ -48,7 +59,7 @@ pub async fn list_orders(
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let request = pb::ListOrdersRequest {
-        page: Some(credits::page(&params)?),
+        page: Some(credits::PageQuery::parse(&params)?),
     };
     let mut client = pb::payment_service_client::PaymentServiceClient::new(gw.channel);
     let r = client
@@ -72,22 +83,47 @@ pub async fn get_order(
     Ok(envelope::ok(r.order.map(order_json)))
 }
 
-#[derive(Deserialize)]
+/// A pack to buy; the channel is `stripe` when not given.
+#[derive(Deserialize, ToSchema)]
 pub struct BuyPackBody {
     #[serde(rename = "packId")]
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
     pack_id: String,
     #[serde(default)]
+    #[schema(schema_with = maybe_url)]
     success_url: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = maybe_url)]
     cancel_url: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 64)]
     coupon_code: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = maybe_channel)]
     channel: Option<String>,
 }
 
-#[derive(Serialize)]
-struct BuyPackJson {
+fn url() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::url(false)
+}
+
+fn maybe_url() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::url(true)
+}
+
+/// The payment providers.
+fn channels() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::one_of(Channel::ALL.map(Channel::as_str))
+}
+
+fn maybe_channel() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::maybe_one_of(Channel::ALL.map(Channel::as_str))
+}
+
+/// The order created and where to send the buyer to pay.
+#[derive(Serialize, ToSchema)]
+#[schema(as = BuyPackResult)]
+pub(super) struct BuyPackJson {
     order_id: String,
     session_id: String,
     checkout_url: String,
@@ -117,8 +153,9 @@ pub async fn buy_pack(
     }))
 }
 
-#[derive(Serialize)]
-struct ReceivedJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = WebhookReceived)]
+pub(super) struct ReceivedJson {
     received: bool,
 }
 
@@ -172,14 +209,16 @@ pub async fn creem_webhook(
     webhook(gw, headers, body, Provider::Creem).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct PortalBody {
     #[serde(default)]
+    #[schema(required = true, schema_with = url)]
     return_url: String,
 }
 
-#[derive(Serialize)]
-struct PortalJson {
+#[derive(Serialize, ToSchema)]
+#[schema(as = PortalSession)]
+pub(super) struct PortalJson {
     url: String,
 }
 
@@ -199,28 +238,49 @@ pub async fn portal(
     Ok(envelope::ok(PortalJson { url: r.url }))
 }
 
-#[derive(Deserialize)]
+/// A checkout: a plan (`type` `subscription`, with `plan_id`) or a pack
+/// (`type` `pack`, with `pack_id`).
+#[derive(Deserialize, ToSchema)]
 pub struct CreateSessionBody {
     #[serde(default)]
+    #[schema(required = true, schema_with = channels)]
     channel: String,
     #[serde(default, rename = "type")]
+    #[schema(required = true, schema_with = session_types)]
     kind: String,
     #[serde(default)]
+    #[schema(max_length = 64)]
     plan_id: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 64)]
     pack_id: Option<String>,
+    /// `monthly` when not given
     #[serde(default)]
+    #[schema(schema_with = maybe_period)]
     billing_period: Option<String>,
     #[serde(default)]
+    #[schema(required = true, schema_with = url)]
     success_url: String,
     #[serde(default)]
+    #[schema(required = true, schema_with = url)]
     cancel_url: String,
     #[serde(default)]
+    #[schema(max_length = 64)]
     coupon_code: Option<String>,
 }
 
-#[derive(Serialize)]
-struct SessionJson {
+fn session_types() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::one_of(["subscription", "pack"])
+}
+
+fn maybe_period() -> utoipa::openapi::ObjectBuilder {
+    super::openapi::maybe_one_of(Period::ALL.map(Period::as_str))
+}
+
+/// The order created and the provider's checkout URL.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CheckoutSession)]
+pub(super) struct SessionJson {
     order_id: String,
     session_id: String,
     url: String,

@@ -54,6 +54,8 @@ pub enum Channel {
 }
 
 impl Channel {
+    pub const ALL: [Self; 2] = [Self::Stripe, Self::Creem];
+
     pub fn parse(field: &str, value: Option<&str>) -> Result<Self> {
         match value.map(str::trim).filter(|v| !v.is_empty()) {
             None | Some("stripe") => Ok(Self::Stripe),
@@ -81,6 +83,8 @@ pub enum Period {
 }
 
 impl Period {
+    pub const ALL: [Self; 2] = [Self::Monthly, Self::Yearly];
+
     /// `monthly` (the default) or `yearly`.
     pub fn parse(field: &str, value: Option<&str>) -> Result<Self> {
         match value.map(str::trim).filter(|v| !v.is_empty()) {
