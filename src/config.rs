@@ -28,6 +28,10 @@ pub enum LogFormat {
 pub struct Config {
     /// `DATABASE_URL`: `sqlite://…` (embedded default) or `postgres://…`.
     pub database_url: String,
+    /// `DATABASE_READ_URL`: a PostgreSQL that may lag behind `DATABASE_URL`
+    /// (a streaming replica, or a pooler's replica port) for the reads that
+    /// tolerate it; unset, every read goes to `DATABASE_URL`.
+    pub database_read_url: Option<String>,
     /// `GRPC_ADDR`: gRPC, grpc-web, health and reflection.
     pub grpc_addr: SocketAddr,
     /// `HTTP_ADDR`: the REST gateway, health probes, metrics, OpenAPI.
@@ -157,6 +161,22 @@ impl Config {
             });
         }
 
+        let database_read_url = get("DATABASE_READ_URL").filter(|u| !u.trim().is_empty());
+        if let Some(read_url) = &database_read_url {
+            if !(read_url.starts_with("postgres://") || read_url.starts_with("postgresql://")) {
+                return Err(ConfigError {
+                    var: "DATABASE_READ_URL",
+                    message: "must start with postgres:// (a replica of DATABASE_URL)".into(),
+                });
+            }
+            if database_url.starts_with("sqlite:") {
+                return Err(ConfigError {
+                    var: "DATABASE_READ_URL",
+                    message: "needs a PostgreSQL DATABASE_URL (SQLite has no replicas)".into(),
+                });
+            }
+        }
+
         let purchase_cooldown = match get("PURCHASE_COOLDOWN_SECONDS") {
             None => Duration::from_secs(10),
             Some(raw) => Duration::from_secs(
@@ -244,6 +264,7 @@ impl Config {
 
         Ok(Self {
             database_url,
+            database_read_url,
             grpc_addr: addr("GRPC_ADDR", "127.0.0.1:50051")?,
             http_addr: addr("HTTP_ADDR", "127.0.0.1:8080")?,
             jwt_secret: secret("BILLING_JWT_SECRET"),
@@ -316,6 +337,7 @@ mod tests {
         assert_eq!(c.stripe_api_base, "https://api.stripe.com");
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.rate_refresh, Duration::from_secs(30));
+        assert_eq!(c.database_read_url, None);
         Ok(())
     }
 
@@ -331,6 +353,9 @@ mod tests {
             ("STRIPE_API_BASE", "ftp://x"),
             ("STRIPE_WEBHOOK_SECRET", "nope"),
             ("RATE_REFRESH_SECONDS", "0"),
+            ("DATABASE_READ_URL", "mysql://replica"),
+            // A replica of an embedded SQLite file does not exist.
+            ("DATABASE_READ_URL", "postgres://replica/billing"),
         ] {
             match config(&[(var, value)]) {
                 Err(e) => {

@@ -269,6 +269,12 @@ fn scrape_hook(state: &AppState) -> crate::metrics::ScrapeHook {
             let (in_use, idle) = db::pool_use(&state.db);
             metrics::gauge!(DB_POOL, "pool" => "main", "state" => "in_use").set(f64::from(in_use));
             metrics::gauge!(DB_POOL, "pool" => "main", "state" => "idle").set(f64::from(idle));
+            if state.config.database_read_url.is_some() {
+                let (in_use, idle) = db::pool_use(&state.read_db);
+                metrics::gauge!(DB_POOL, "pool" => "read", "state" => "in_use")
+                    .set(f64::from(in_use));
+                metrics::gauge!(DB_POOL, "pool" => "read", "state" => "idle").set(f64::from(idle));
+            }
             match crate::ledger::reads::open_holds(&state.db).await {
                 Ok((count, micros)) => {
                     metrics::gauge!(HOLDS_OPEN).set(count as f64);
@@ -294,6 +300,12 @@ pub async fn start(
     let db = db::prepare(&config.database_url, config.database_max_connections)
         .await
         .context("DATABASE_URL: cannot open, migrate or seed the database")?;
+    let read_db = match &config.database_read_url {
+        Some(url) => db::connect_sized(url, config.database_max_connections)
+            .await
+            .context("DATABASE_READ_URL: cannot connect")?,
+        None => db.clone(),
+    };
 
     let (jwt_keys, ephemeral_secret) = match &config.jwt_secret {
         Some(secret) => (JwtKeys::new(secret.clone()), false),
@@ -323,6 +335,7 @@ pub async fn start(
     };
     let state = AppState {
         db,
+        read_db,
         config: config.clone(),
         clock: options.clock.clone(),
         ledger,

@@ -15,7 +15,13 @@ use crate::{
 
 #[derive(Clone, Debug)]
 pub struct AppState {
+    /// The primary: every write, and every read that must see the
+    /// caller's own writes.
     pub db: DatabaseConnection,
+    /// Reads that may lag behind the primary by the replica's replay
+    /// delay: ledger listings, monthly statistics, the public catalog and
+    /// orders. `DATABASE_READ_URL` when set, else the primary.
+    pub read_db: DatabaseConnection,
     pub config: Arc<Config>,
     pub clock: SharedClock,
     pub ledger: Ledger,

@@ -227,6 +227,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let org = input::optional("org_id", r.org_id.as_deref(), input::MAX_ID)?;
         let (rows, total) = reads::transactions(
             &self.state.ledger,
+            &self.state.read_db,
             org.as_deref(),
             kind.as_deref(),
             limit,

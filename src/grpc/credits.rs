@@ -60,6 +60,7 @@ impl pb::credits_service_server::CreditsService for CreditsApi {
         let kind = input::transaction_type(r.r#type.as_deref())?;
         let (rows, total) = reads::transactions(
             &self.state.ledger,
+            &self.state.read_db,
             Some(&org),
             kind.as_deref(),
             limit,
@@ -83,7 +84,9 @@ impl pb::credits_service_server::CreditsService for CreditsApi {
         if !(1..=24).contains(&months) {
             return Err(Error::invalid("months", "must be between 1 and 24").into());
         }
-        let (list, totals) = reads::monthly_stats(&self.state.ledger, &org, months as u32).await?;
+        let (list, totals) =
+            reads::monthly_stats(&self.state.ledger, &self.state.read_db, &org, months as u32)
+                .await?;
         Ok(Response::new(pb::GetMonthlyStatsResponse {
             months: list.iter().map(stat).collect(),
             totals: Some(stat(&totals)),
@@ -128,7 +131,7 @@ impl pb::credits_service_server::CreditsService for CreditsApi {
         &self,
         _request: Request<pb::ListRatesRequest>,
     ) -> Result<Response<pb::ListRatesResponse>, Status> {
-        let rates = catalog::list_rates(&self.state.db).await?;
+        let rates = catalog::list_rates(&self.state.read_db).await?;
         Ok(Response::new(pb::ListRatesResponse {
             rates: rates.into_iter().map(convert::rate).collect(),
         }))

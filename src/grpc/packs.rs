@@ -28,7 +28,7 @@ impl pb::packs_service_server::PacksService for PacksApi {
         &self,
         _request: Request<pb::ListPacksRequest>,
     ) -> Result<Response<pb::ListPacksResponse>, Status> {
-        let packs = catalog::list_packs(&self.state.db).await?;
+        let packs = catalog::list_packs(&self.state.read_db).await?;
         Ok(Response::new(pb::ListPacksResponse {
             packs: packs.into_iter().map(convert::pack).collect(),
         }))

@@ -103,7 +103,7 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
         let org = caller(&request)?.org_id.clone();
         let (limit, offset) = input::page(request.get_ref().page.as_ref())?;
         let (rows, total) = match self.state.ledger.org_id(&org).await? {
-            Some(org_id) => orders::list(&self.state.db, org_id, limit, offset).await?,
+            Some(org_id) => orders::list(&self.state.read_db, org_id, limit, offset).await?,
             None => (Vec::new(), 0),
         };
         let page = convert::page_info(limit, offset, rows.len(), total);
@@ -125,7 +125,7 @@ impl pb::payment_service_server::PaymentService for PaymentApi {
             .org_id(&org)
             .await?
             .ok_or(Error::OrderNotFound)?;
-        let order = orders::get(&self.state.db, org_id, &id).await?;
+        let order = orders::get(&self.state.read_db, org_id, &id).await?;
         Ok(Response::new(pb::GetOrderResponse {
             order: Some(convert::order(order, &org)),
         }))

@@ -28,7 +28,7 @@ impl pb::subscriptions_service_server::SubscriptionsService for SubscriptionsApi
         &self,
         _request: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
-        let plans = catalog::list_plans(&self.state.db, false).await?;
+        let plans = catalog::list_plans(&self.state.read_db, false).await?;
         Ok(Response::new(pb::ListPlansResponse {
             plans: plans.into_iter().map(convert::plan).collect(),
         }))

@@ -169,15 +169,16 @@ pub struct TransactionRow {
 }
 
 /// A page of the ledger, newest first: one organization's (by its exact
-/// sequence) or every organization's (by time).
+/// sequence) or every organization's (by time), read from `db` (which may
+/// be a replica; `ledger` only resolves the organization's id).
 pub async fn transactions(
     ledger: &Ledger,
+    db: &impl ConnectionTrait,
     org: Option<&str>,
     kind: Option<&str>,
     limit: u64,
     offset: u64,
 ) -> Result<(Vec<TransactionRow>, u64)> {
-    let db = ledger.db();
     let mut query = ledger_transaction::Entity::find();
     if let Some(org) = org {
         let Some(org_id) = ledger.org_id(org).await? else {
@@ -250,9 +251,10 @@ impl MonthStat {
 }
 
 /// `months` months up to and including the current one, ascending and
-/// zero-filled, with their totals.
+/// zero-filled, with their totals, read from `db` (which may be a replica).
 pub async fn monthly_stats(
     ledger: &Ledger,
+    db: &impl ConnectionTrait,
     org: &str,
     months: u32,
 ) -> Result<(Vec<MonthStat>, MonthStat)> {
@@ -275,7 +277,7 @@ pub async fn monthly_stats(
         let rows = ledger_monthly::Entity::find()
             .filter(ledger_monthly::Column::OrgId.eq(org_id))
             .filter(ledger_monthly::Column::Month.gte(month_key(first)))
-            .all(ledger.db())
+            .all(db)
             .await?;
         for r in rows {
             if let Some(&i) = index.get(&r.month) {

@@ -58,6 +58,9 @@ env:
   - name: DATABASE_URL
     valueFrom:
       secretKeyRef: { name: {{ . }}, key: DATABASE_URL }
+  - name: DATABASE_READ_URL
+    valueFrom:
+      secretKeyRef: { name: {{ . }}, key: DATABASE_READ_URL, optional: true }
   {{- end }}
   {{- with .Values.jwt.existingSecret }}
   - name: BILLING_JWT_SECRET
