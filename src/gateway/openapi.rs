@@ -326,16 +326,20 @@ pub fn nonzero_credits() -> AnyOfBuilder {
         ))
 }
 
+/// `kind`, or `kind` and `null` when `nullable`.
+fn or_null(kind: Type, nullable: bool) -> SchemaType {
+    if nullable {
+        SchemaType::from_iter([kind, Type::Null])
+    } else {
+        SchemaType::Type(kind)
+    }
+}
+
 /// An absolute http(s) URL (blank counts as not given where the field is
 /// optional); `null` allowed when `nullable`.
 pub fn url(nullable: bool) -> ObjectBuilder {
-    let kind = if nullable {
-        SchemaType::from_iter([Type::String, Type::Null])
-    } else {
-        SchemaType::Type(Type::String)
-    };
     ObjectBuilder::new()
-        .schema_type(kind)
+        .schema_type(or_null(Type::String, nullable))
         .format(Some(SchemaFormat::Custom("uri".to_owned())))
         .max_length(Some(2048))
         .pattern(Some(r"^https?://\S+$"))
@@ -344,13 +348,8 @@ pub fn url(nullable: bool) -> ObjectBuilder {
 /// Credits as a JSON number with up to 6 decimals, from 0 to 10^12;
 /// `null` allowed when `nullable` (the field is then as if not given).
 pub fn credits_at_least_0(nullable: bool) -> ObjectBuilder {
-    let kind = if nullable {
-        SchemaType::from_iter([Type::Number, Type::Null])
-    } else {
-        SchemaType::Type(Type::Number)
-    };
     ObjectBuilder::new()
-        .schema_type(kind)
+        .schema_type(or_null(Type::Number, nullable))
         .minimum(Some(0))
         .maximum(Some(MAX_CREDITS))
         .multiple_of(Some(0.000001))
