@@ -252,6 +252,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             // machine's speed drifts over minutes).
             let pgbench = match (&pgbench_db, workload) {
                 (Some(scratch), Workload::Consume) => {
+                    checkpoint(&database_url).await?;
                     let tps = pgbench_run(scratch, args.clients, args.seconds)?;
                     println!(
                         "{:<15} {:>5} {:>9} {:>11.0}   (pgbench TPC-B -i -s {scale}; -c {} -j 2 -T {})",
@@ -261,6 +262,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
+            if backend == "postgres" {
+                checkpoint(&database_url).await?;
+            }
             let figures = drive(&urls, &keys, &orgs, &args, workload, conns).await?;
             println!(
                 "{:<15} {:>5} {:>9} {:>11.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
@@ -506,6 +510,20 @@ fn pgbench_run(scratch: &str, clients: usize, seconds: u64) -> anyhow::Result<f6
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+}
+
+/// A PostgreSQL `CHECKPOINT` before each measured run: what the previous
+/// run (or pgbench's initialisation, hundreds of megabytes) left dirty is
+/// written out now, not during the next measurement. Each run, pgbench's
+/// and the service's, starts from the same clean state.
+async fn checkpoint(database_url: &str) -> anyhow::Result<()> {
+    let admin = Database::connect(database_url).await?;
+    admin
+        .execute_unprepared("CHECKPOINT")
+        .await
+        .context("CHECKPOINT before a run (needs a superuser or pg_checkpoint)")?;
+    admin.close().await?;
+    Ok(())
 }
 
 async fn pgbench_drop(database_url: &str) -> anyhow::Result<()> {

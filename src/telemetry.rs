@@ -12,8 +12,10 @@
 //! makes the call's spans part of the caller's trace. Every span carries
 //! `trace_id`, so JSON log lines inside it name the trace.
 //!
-//! Spans always get ids (so logs can name their trace); only with an
-//! endpoint are they sent anywhere.
+//! Without an endpoint the OpenTelemetry layer is not installed at all:
+//! building spans that go nowhere cost the server about a fifth of its CPU
+//! per `Consume` call. The spans still exist for the log lines, and a
+//! caller's `traceparent` still gives them its `trace_id`.
 
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
@@ -22,16 +24,19 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{Config, LogFormat};
 
-/// The installed tracer provider; [`Telemetry::shutdown`] flushes it.
+/// The installed tracer provider, if any; [`Telemetry::shutdown`] flushes
+/// it.
 #[must_use = "call shutdown() before exiting, or spans still buffered are lost"]
 pub struct Telemetry {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
 }
 
 impl Telemetry {
     /// Sends every span still buffered, then stops the exporter.
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
             eprintln!("warning: flushing traces at shutdown failed: {e}");
         }
     }
@@ -40,24 +45,32 @@ impl Telemetry {
 /// Installs logging and tracing from `config` (call inside the Tokio
 /// runtime: the OTLP exporter is a tonic client).
 pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
-    let mut builder = SdkTracerProvider::builder();
-    if let Some(endpoint) = &config.otlp_endpoint {
-        use opentelemetry_otlp::WithExportConfig as _;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
-        builder = builder.with_batch_exporter(exporter);
-    }
-    Ok(init_with(config, builder.build()))
+    let Some(endpoint) = &config.otlp_endpoint else {
+        return Ok(install(config, None));
+    };
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.clone())
+        .build()
+        .map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .build();
+    Ok(install(config, Some(provider)))
 }
 
 /// [`init`] with a provider of the caller's (tests: an in-memory exporter).
 /// The first call in a process wins; later ones only hand back `provider`.
 pub fn init_with(config: &Config, provider: SdkTracerProvider) -> Telemetry {
+    install(config, Some(provider))
+}
+
+fn install(config: &Config, provider: Option<SdkTracerProvider>) -> Telemetry {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("billing"));
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("billing")));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = match config.log_format {
         LogFormat::Json => registry
@@ -67,21 +80,29 @@ pub fn init_with(config: &Config, provider: SdkTracerProvider) -> Telemetry {
     };
     if installed.is_ok() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        opentelemetry::global::set_tracer_provider(provider.clone());
+        if let Some(provider) = &provider {
+            opentelemetry::global::set_tracer_provider(provider.clone());
+        }
     }
     Telemetry { provider }
 }
 
 /// Makes `span` a child of the W3C trace context in `headers`, if any, and
-/// records its `trace_id`.
+/// records its `trace_id`: its own trace's, or without OpenTelemetry
+/// installed, the caller's.
 pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&opentelemetry_http::HeaderExtractor(headers))
     });
+    let caller = parent.span().span_context().trace_id();
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
     record_trace_id(span);
+    let own = span.context().span().span_context().trace_id();
+    if own == opentelemetry::trace::TraceId::INVALID && caller != own {
+        span.record("trace_id", tracing::field::display(caller));
+    }
 }
 
 /// Writes `span`'s OpenTelemetry trace id into its `trace_id` field.
@@ -179,5 +200,63 @@ impl<B> tower_http::trace::OnResponse<B> for HttpStatus {
         let status = response.status().as_u16();
         span.record("http.response.status_code", status);
         tracing::debug!(status, latency_ms = latency.as_secs_f64() * 1e3, "answered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::{fmt, prelude::*};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut lines) = self.0.lock() {
+                lines.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Without OpenTelemetry installed (no endpoint), a caller's
+    /// `traceparent` still names the trace in the log lines of its call.
+    #[test]
+    fn without_an_exporter_the_callers_trace_id_reaches_the_logs() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "traceparent",
+                http::HeaderValue::from_static(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+            );
+            let span = tracing::info_span!("grpc", trace_id = tracing::field::Empty);
+            adopt_parent(&span, &headers);
+            span.in_scope(|| tracing::info!("inside the call"));
+        });
+        let text = String::from_utf8(lines.0.lock().map(|l| l.clone()).unwrap_or_default())
+            .unwrap_or_default();
+        assert!(
+            text.contains(r#""trace_id":"4bf92f3577b34da6a3ce929d0e0e4736""#),
+            "{text}"
+        );
     }
 }
