@@ -14,13 +14,14 @@
 //!
 //! Without an endpoint the OpenTelemetry layer is not installed at all:
 //! building spans that go nowhere cost the server about a fifth of its CPU
-//! per `Consume` call. The spans still exist for the log lines, and a
-//! caller's `traceparent` still gives them its `trace_id`.
+//! per `Consume` call. The spans then serve the log lines; each call still
+//! gets a `trace_id` (its caller's `traceparent`'s, or a new one), shared
+//! by its nested spans and passed on to the gRPC upstream and Creem.
 
-use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::trace::{TraceContextExt as _, TraceId, TracerProvider as _};
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*, registry::LookupSpan as _};
 
 use crate::config::{Config, LogFormat};
 
@@ -88,8 +89,12 @@ fn install(config: &Config, provider: Option<SdkTracerProvider>) -> Telemetry {
 }
 
 /// Makes `span` a child of the W3C trace context in `headers`, if any, and
-/// records its `trace_id`: its own trace's, or without OpenTelemetry
-/// installed, the caller's.
+/// records its `trace_id`.
+///
+/// Without OpenTelemetry installed the id is the caller's (from
+/// `traceparent`), else the enclosing span's (a REST request's, for the
+/// gateway's in-process gRPC call), else a new random one; it is kept on
+/// the span so that [`inject_current`] passes it on.
 pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&opentelemetry_http::HeaderExtractor(headers))
@@ -99,28 +104,67 @@ pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
         let _ = span.set_parent(parent);
     }
     record_trace_id(span);
-    let own = span.context().span().span_context().trace_id();
-    if own == opentelemetry::trace::TraceId::INVALID && caller != own {
-        span.record("trace_id", tracing::field::display(caller));
+    if span.context().span().span_context().is_valid() {
+        return;
     }
+    let trace = if caller != TraceId::INVALID {
+        caller
+    } else {
+        log_trace(&tracing::Span::current())
+            .unwrap_or_else(|| TraceId::from(rand::random::<u128>().max(1)))
+    };
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(span) = dispatch
+            .downcast_ref::<tracing_subscriber::Registry>()
+            .and_then(|r| r.span(id))
+        {
+            span.extensions_mut().insert(LogTrace(trace));
+        }
+    });
+    span.record("trace_id", tracing::field::display(trace));
+}
+
+/// The trace id of a call's log lines when OpenTelemetry is not installed.
+#[derive(Clone, Copy)]
+struct LogTrace(TraceId);
+
+/// The [`LogTrace`] of `span` or the nearest span enclosing it.
+fn log_trace(span: &tracing::Span) -> Option<TraceId> {
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        registry
+            .span(id)?
+            .scope()
+            .find_map(|s| s.extensions().get::<LogTrace>().map(|t| t.0))
+    })
+    .flatten()
 }
 
 /// Writes `span`'s OpenTelemetry trace id into its `trace_id` field.
 pub fn record_trace_id(span: &tracing::Span) {
     let context = span.context();
     let trace_id = context.span().span_context().trace_id();
-    if trace_id != opentelemetry::trace::TraceId::INVALID {
+    if trace_id != TraceId::INVALID {
         span.record("trace_id", tracing::field::display(trace_id));
     }
 }
 
 /// Writes the current span's trace context (`traceparent`) into `headers`,
-/// for a call to another service.
+/// for a call to another service. Without OpenTelemetry installed, the
+/// call's log trace id goes on, under a new span id.
 pub fn inject_current(headers: &mut http::HeaderMap) {
-    let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
-    });
+    let current = tracing::Span::current();
+    let context = current.context();
+    if context.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
+        });
+    } else if let Some(trace) = log_trace(&current) {
+        let span = rand::random::<u64>().max(1);
+        if let Ok(value) = http::HeaderValue::from_str(&format!("00-{trace}-{span:016x}-01")) {
+            headers.insert("traceparent", value);
+        }
+    }
 }
 
 /// The `grpc` span of a call (tower-http's `MakeSpan`).
@@ -258,5 +302,36 @@ mod tests {
             text.contains(r#""trace_id":"4bf92f3577b34da6a3ce929d0e0e4736""#),
             "{text}"
         );
+    }
+
+    /// Without OpenTelemetry and without a caller's trace, a call still
+    /// gets a trace id: its nested spans share it, and a call it makes to
+    /// another service carries it on.
+    #[test]
+    fn without_an_exporter_a_call_gets_a_trace_id_and_passes_it_on() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let subscriber =
+            tracing_subscriber::registry().with(fmt::layer().with_writer(std::io::sink));
+        let (outer, inner, sent) = tracing::subscriber::with_default(subscriber, || {
+            let http = tracing::info_span!("http", trace_id = tracing::field::Empty);
+            adopt_parent(&http, &http::HeaderMap::new());
+            http.in_scope(|| {
+                let grpc = tracing::info_span!("grpc", trace_id = tracing::field::Empty);
+                adopt_parent(&grpc, &http::HeaderMap::new());
+                grpc.in_scope(|| {
+                    let mut headers = http::HeaderMap::new();
+                    inject_current(&mut headers);
+                    let sent = headers
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                        .unwrap_or_default();
+                    (log_trace(&http), log_trace(&grpc), sent)
+                })
+            })
+        });
+        let outer = outer.expect("the REST span has a trace id");
+        assert_eq!(inner, Some(outer), "the nested call shares it");
+        assert!(sent.starts_with(&format!("00-{outer}-")), "{sent}");
     }
 }
