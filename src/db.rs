@@ -43,8 +43,21 @@ fn base_options(url: &str) -> ConnectOptions {
 /// failed over, or terminated the session) rather than a statement's
 /// failure: the transaction it was in is gone, and retrying on a new
 /// connection is safe.
+///
+/// A server that is not (or not yet) the primary counts too: during a
+/// failover a pooler can hand a new connection to a node still in recovery,
+/// or to one being promoted; the statement fails before anything is
+/// written, and the pooler closes sessions to a node it stops routing to.
 pub fn is_connection_error(err: &DbErr) -> bool {
     if matches!(err, DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) {
+        return true;
+    }
+    if let Some(code) = sqlstate(err)
+        && (code.starts_with("08") // connection_exception and its kin
+            || code.starts_with("57P") // admin_shutdown, crash_shutdown, cannot_connect_now
+            || code == "25006")
+    // read_only_sql_transaction: a replica, not the primary
+    {
         return true;
     }
     let text = err.to_string().to_ascii_lowercase();
@@ -66,6 +79,21 @@ pub fn is_connection_error(err: &DbErr) -> bool {
     ]
     .iter()
     .any(|needle| text.contains(needle))
+}
+
+/// The SQLSTATE of a database's error, if `err` is one.
+fn sqlstate(err: &DbErr) -> Option<String> {
+    let runtime = match err {
+        DbErr::Conn(e) | DbErr::Exec(e) | DbErr::Query(e) => e,
+        _ => return None,
+    };
+    match runtime {
+        sea_orm::RuntimeErr::SqlxError(e) => e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned()),
+        sea_orm::RuntimeErr::Internal(_) => None,
+    }
 }
 
 /// The file of a SQLite `url` (`sqlite://path?…`, `sqlite:path`); `None`

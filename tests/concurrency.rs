@@ -1131,3 +1131,93 @@ async fn warm_batches_race_across_replicas_without_losing_a_credit() {
     assert!(fallbacks > 0, "no warm batch met another replica's write");
     replicas.stop().await;
 }
+
+/// During a failover a pooler can hand the service a connection to a node
+/// that is not (yet) the primary. Here the database turns read-only for new
+/// sessions and every session is cut: writes must answer UNAVAILABLE, not
+/// INTERNAL, and nothing may be written; once the database takes writes
+/// again, the service does too, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_answers_unavailable_until_it_takes_writes() {
+    let Some(g) = postgres_server_granting(&["org-ro"], 10 * CREDIT).await else {
+        return;
+    };
+    // The cluster's maintenance database: the test database's settings do
+    // not apply to it.
+    let admin_db = sea_orm::Database::connect(std::env::var("TEST_DATABASE_URL").expect("url"))
+        .await
+        .expect("connect");
+    let name = g
+        .server
+        .db
+        .url
+        .rsplit_once('/')
+        .map(|(_, n)| n.split('?').next().unwrap_or(n).to_owned())
+        .expect("a database name");
+    let cut = format!(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE datname = '{name}'"
+    );
+    let set =
+        |on: bool| format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = {on}");
+    admin_db
+        .execute_unprepared(&set(true))
+        .await
+        .expect("read only");
+    admin_db
+        .execute_unprepared(&cut)
+        .await
+        .expect("cut sessions");
+
+    let mut usage = pb::usage_service_client::UsageServiceClient::new(g.channel.clone());
+    let consume = |key: &str| {
+        authed(
+            &g.service,
+            pb::ConsumeRequest {
+                org_id: "org-ro".into(),
+                meter: "storage_egress".into(),
+                quantity: 1_000_000_000,
+                idempotency_key: key.into(),
+                ..Default::default()
+            },
+        )
+    };
+    for n in 0..5 {
+        let refused = usage
+            .consume(consume(&format!("ro-{n}")))
+            .await
+            .expect_err("a read-only database takes no write");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    }
+
+    // The node is promoted: it takes writes again (new sessions), and the
+    // service's sessions to it are renewed.
+    admin_db
+        .execute_unprepared(&set(false))
+        .await
+        .expect("read write");
+    admin_db
+        .execute_unprepared(&cut)
+        .await
+        .expect("cut sessions");
+    let start = std::time::Instant::now();
+    let answer = loop {
+        match usage.consume(consume("ro-after")).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && start.elapsed().as_secs() < 30 => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("after the database took writes again: {s:?}"),
+        }
+    };
+    assert!(!answer.duplicate);
+    let db = sea_orm::Database::connect(&g.server.db.url)
+        .await
+        .expect("connect");
+    let rows = billing::entities::ledger_transaction::Entity::find()
+        .all(&db)
+        .await
+        .expect("ledger");
+    // The grant and the one charge that went through; none of the refused.
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    invariants::check(&db, Utc::now()).await;
+}
