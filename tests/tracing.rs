@@ -27,6 +27,36 @@ fn named<'a>(spans: &'a [&'a SpanData], name: &str) -> &'a SpanData {
     found[0]
 }
 
+/// The finished spans of `trace`, once every span named in `expected` is
+/// among them: a caller can have its answer before the server's spans
+/// close (the writer answers from inside its batch span; the REST span
+/// ends after the last byte is written), so wait for them, for 10 s at
+/// most.
+async fn finished(
+    provider: &SdkTracerProvider,
+    exporter: &InMemorySpanExporter,
+    trace: &str,
+    expected: &[&str],
+) -> Result<Vec<SpanData>, Box<dyn std::error::Error>> {
+    let trace_id = TraceId::from_hex(trace)?;
+    let start = std::time::Instant::now();
+    loop {
+        provider.force_flush()?;
+        let spans: Vec<SpanData> = exporter
+            .get_finished_spans()?
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id)
+            .collect();
+        let all_there = expected
+            .iter()
+            .all(|name| spans.iter().any(|s| s.name == *name));
+        if all_there || start.elapsed() > std::time::Duration::from_secs(10) {
+            return Ok(spans);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn one_rest_call_is_one_trace_from_gateway_to_database() -> R {
     let exporter = InMemorySpanExporter::default();
@@ -49,13 +79,20 @@ async fn one_rest_call_is_one_trace_from_gateway_to_database() -> R {
         .send()
         .await?;
     assert_eq!(response.status(), 200);
-    provider.force_flush()?;
-    let all = exporter.get_finished_spans()?;
-    let trace_id = TraceId::from_hex(trace)?;
-    let spans: Vec<&SpanData> = all
-        .iter()
-        .filter(|s| s.span_context.trace_id() == trace_id)
-        .collect();
+    let all = finished(
+        &provider,
+        &exporter,
+        trace,
+        &[
+            "POST /admin/credits/manual",
+            "billing.v1.AdminService/ManualAdjust",
+            "ledger adjust",
+            "ledger.batch",
+            "COMMIT",
+        ],
+    )
+    .await?;
+    let spans: Vec<&SpanData> = all.iter().collect();
 
     let http = named(&spans, "POST /admin/credits/manual");
     assert_eq!(http.parent_span_id, SpanId::from_hex(caller_span)?);
@@ -111,13 +148,18 @@ async fn one_rest_call_is_one_trace_from_gateway_to_database() -> R {
     pb::usage_service_client::UsageServiceClient::new(t.channel().await)
         .consume(request)
         .await?;
-    provider.force_flush()?;
-    let all = exporter.get_finished_spans()?;
-    let trace_id = TraceId::from_hex(grpc_trace)?;
-    let spans: Vec<&SpanData> = all
-        .iter()
-        .filter(|s| s.span_context.trace_id() == trace_id)
-        .collect();
+    let all = finished(
+        &provider,
+        &exporter,
+        grpc_trace,
+        &[
+            "billing.v1.UsageService/Consume",
+            "ledger consume",
+            "ledger.batch",
+        ],
+    )
+    .await?;
+    let spans: Vec<&SpanData> = all.iter().collect();
     let consume = named(&spans, "billing.v1.UsageService/Consume");
     assert_eq!(
         consume.parent_span_id,
