@@ -52,22 +52,16 @@ pub fn is_connection_error(err: &DbErr) -> bool {
     if matches!(err, DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) {
         return true;
     }
-    if let Some(code) = sqlstate(err)
-        && (code.starts_with("08") // connection_exception and its kin
-            || code.starts_with("57P") // admin_shutdown, crash_shutdown, cannot_connect_now
-            || code == "25006")
-    // read_only_sql_transaction: a replica, not the primary
-    {
+    // By SQLSTATE: 08… connection_exception and its kin; 57P… admin_shutdown
+    // (pg_terminate_backend, a server stopping), crash_shutdown,
+    // cannot_connect_now; 25006 read_only_sql_transaction (a replica, not
+    // the primary).
+    if sqlstate(err).is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "25006") {
         return true;
     }
+    // Failures that carry no SQLSTATE: the socket, the pool.
     let text = err.to_string().to_ascii_lowercase();
     [
-        "57p01", // admin_shutdown: pg_terminate_backend, server stopping
-        "57p02", // crash_shutdown
-        "57p03", // cannot_connect_now
-        "08000", // connection_exception and its kin
-        "08003",
-        "08006",
         "terminating connection",
         "connection reset",
         "connection refused",
@@ -82,7 +76,7 @@ pub fn is_connection_error(err: &DbErr) -> bool {
 }
 
 /// The SQLSTATE of a database's error, if `err` is one.
-fn sqlstate(err: &DbErr) -> Option<String> {
+pub fn sqlstate(err: &DbErr) -> Option<String> {
     let runtime = match err {
         DbErr::Conn(e) | DbErr::Exec(e) | DbErr::Query(e) => e,
         _ => return None,

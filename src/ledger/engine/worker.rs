@@ -36,6 +36,10 @@ fn is_transient(err: &DbErr) -> bool {
     if crate::db::is_connection_error(err) {
         return true;
     }
+    // 40001 serialization_failure, 40P01 deadlock_detected.
+    if crate::db::sqlstate(err).is_some_and(|c| c == "40001" || c == "40P01") {
+        return true;
+    }
     let text = err.to_string().to_ascii_lowercase();
     [
         "could not serialize",
@@ -43,8 +47,6 @@ fn is_transient(err: &DbErr) -> bool {
         "database is locked",
         "database table is locked",
         "busy",
-        "40001",
-        "40p01",
     ]
     .iter()
     .any(|needle| text.contains(needle))
