@@ -103,24 +103,26 @@ pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
-    record_trace_id(span);
-    if span.context().span().span_context().is_valid() {
-        return;
-    }
-    let trace = if caller != TraceId::INVALID {
-        caller
+    let own = span.context().span().span_context().trace_id();
+    let trace = if own != TraceId::INVALID {
+        own
     } else {
-        log_trace(&tracing::Span::current())
-            .unwrap_or_else(|| TraceId::from(rand::random::<u128>().max(1)))
+        let trace = if caller != TraceId::INVALID {
+            caller
+        } else {
+            log_trace(&tracing::Span::current())
+                .unwrap_or_else(|| TraceId::from(rand::random::<u128>().max(1)))
+        };
+        span.with_subscriber(|(id, dispatch)| {
+            if let Some(span) = dispatch
+                .downcast_ref::<tracing_subscriber::Registry>()
+                .and_then(|r| r.span(id))
+            {
+                span.extensions_mut().insert(LogTrace(trace));
+            }
+        });
+        trace
     };
-    span.with_subscriber(|(id, dispatch)| {
-        if let Some(span) = dispatch
-            .downcast_ref::<tracing_subscriber::Registry>()
-            .and_then(|r| r.span(id))
-        {
-            span.extensions_mut().insert(LogTrace(trace));
-        }
-    });
     span.record("trace_id", tracing::field::display(trace));
 }
 
@@ -138,15 +140,6 @@ fn log_trace(span: &tracing::Span) -> Option<TraceId> {
             .find_map(|s| s.extensions().get::<LogTrace>().map(|t| t.0))
     })
     .flatten()
-}
-
-/// Writes `span`'s OpenTelemetry trace id into its `trace_id` field.
-pub fn record_trace_id(span: &tracing::Span) {
-    let context = span.context();
-    let trace_id = context.span().span_context().trace_id();
-    if trace_id != TraceId::INVALID {
-        span.record("trace_id", tracing::field::display(trace_id));
-    }
 }
 
 /// Writes the current span's trace context (`traceparent`) into `headers`,
