@@ -8,7 +8,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::openapi::{maybe_one_of, one_of};
+use super::openapi::one_of;
 use serde_json::Value;
 
 use super::{
@@ -265,7 +265,10 @@ pub struct CouponBody {
 }
 
 fn coupon_kinds() -> utoipa::openapi::ObjectBuilder {
-    one_of(crate::coupons::Kind::ALL.map(crate::coupons::Kind::as_str))
+    one_of(
+        crate::coupons::Kind::ALL.map(crate::coupons::Kind::as_str),
+        false,
+    )
 }
 
 pub async fn create_coupon(
@@ -513,7 +516,10 @@ pub struct RateBody {
 }
 
 fn maybe_meter() -> utoipa::openapi::ObjectBuilder {
-    maybe_one_of(crate::domain::Meter::ALL.map(crate::domain::Meter::as_str))
+    one_of(
+        crate::domain::Meter::ALL.map(crate::domain::Meter::as_str),
+        true,
+    )
 }
 
 fn credits_per_unit() -> utoipa::openapi::ObjectBuilder {

@@ -89,7 +89,10 @@ pub(super) struct TypeFilter {
 }
 
 fn transaction_types() -> utoipa::openapi::ObjectBuilder {
-    super::openapi::one_of(crate::ledger::reads::TRANSACTION_TYPES.iter().copied())
+    super::openapi::one_of(
+        crate::ledger::reads::TRANSACTION_TYPES.iter().copied(),
+        false,
+    )
 }
 
 impl TypeFilter {

@@ -174,7 +174,10 @@ async fn list_packs(State(gw): State<Gateway>, headers: HeaderMap) -> ApiResult 
 
 /// The meters usage is measured in.
 fn meters() -> utoipa::openapi::ObjectBuilder {
-    openapi::one_of(crate::domain::Meter::ALL.map(crate::domain::Meter::as_str))
+    openapi::one_of(
+        crate::domain::Meter::ALL.map(crate::domain::Meter::as_str),
+        false,
+    )
 }
 
 /// A rate as the public listing shows it; `model` null for the meter's
@@ -815,9 +818,22 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<Gateway>)> {
     ]
 }
 
-async fn openapi_json() -> Response {
+/// The document, built and encoded once: it depends on nothing but the
+/// code.
+static OPENAPI: std::sync::LazyLock<bytes::Bytes> = std::sync::LazyLock::new(|| {
     let docs: Vec<RouteDoc> = routes().into_iter().map(|(doc, _)| doc).collect();
-    axum::Json(openapi::document(&docs)).into_response()
+    // Encoding a document of strings and numbers cannot fail.
+    serde_json::to_vec(&openapi::document(&docs))
+        .unwrap_or_default()
+        .into()
+});
+
+async fn openapi_json() -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI.clone(),
+    )
+        .into_response()
 }
 
 /// Swagger UI at `/docs` (assets inside the binary), showing

@@ -293,19 +293,14 @@ pub fn true_only() -> ObjectBuilder {
         .enum_values(Some([true]))
 }
 
-/// A string that is one of `values`.
-pub fn one_of(values: impl IntoIterator<Item = &'static str>) -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .enum_values(Some(values))
-}
-
-/// An optional (nullable) string that is one of `values`.
-pub fn maybe_one_of(values: impl IntoIterator<Item = &'static str>) -> ObjectBuilder {
+/// A string that is one of `values`; `null` allowed when `nullable`.
+pub fn one_of(values: impl IntoIterator<Item = &'static str>, nullable: bool) -> ObjectBuilder {
     let mut values: Vec<Option<&'static str>> = values.into_iter().map(Some).collect();
-    values.push(None);
+    if nullable {
+        values.push(None);
+    }
     ObjectBuilder::new()
-        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .schema_type(or_null(Type::String, nullable))
         .enum_values(Some(values))
 }
 
@@ -409,22 +404,17 @@ fn error_response(schema: &str, description: &str) -> ResponseBuilder {
 }
 
 fn responses(doc: &RouteDoc) -> Responses {
+    let body: Option<RefOr<Schema>> = match doc.answer {
+        Answer::Data(t) => Some(envelope(t.reference(), false).into()),
+        Answer::List(t) => Some(envelope(array_of(&t), false).into()),
+        Answer::Page(t) => Some(envelope(array_of(&t), true).into()),
+        Answer::Bare(t) => Some(t.reference()),
+        Answer::Operational => None,
+    };
     let ok = ResponseBuilder::new().description("OK");
-    let ok = match doc.answer {
-        Answer::Data(t) => ok.content(
-            "application/json",
-            json_content(envelope(t.reference(), false)),
-        ),
-        Answer::List(t) => ok.content(
-            "application/json",
-            json_content(envelope(array_of(&t), false)),
-        ),
-        Answer::Page(t) => ok.content(
-            "application/json",
-            json_content(envelope(array_of(&t), true)),
-        ),
-        Answer::Bare(t) => ok.content("application/json", json_content(t.reference())),
-        Answer::Operational => ok,
+    let ok = match body {
+        Some(schema) => ok.content("application/json", json_content(schema)),
+        None => ok,
     };
     let own = if doc.seed_errors {
         "SeedError"
@@ -471,16 +461,20 @@ fn responses(doc: &RouteDoc) -> Responses {
         // Never refused for overload.
         Answer::Operational => {}
     }
+    let too_large = format!(
+        "PAYLOAD_TOO_LARGE: the body is over {} MiB",
+        super::MAX_BODY_BYTES >> 20
+    );
     match doc.body {
         Body::Json(_) => {
-            add(413, "Error", "PAYLOAD_TOO_LARGE: the body is over 1 MiB");
+            add(413, "Error", &too_large);
             add(
                 415,
                 "Error",
                 "UNSUPPORTED_MEDIA_TYPE: the body is not sent as application/json",
             );
         }
-        Body::Raw => add(413, "Error", "PAYLOAD_TOO_LARGE: the body is over 1 MiB"),
+        Body::Raw => add(413, "Error", &too_large),
         Body::None => {}
     }
     match doc.access {

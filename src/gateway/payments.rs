@@ -113,11 +113,11 @@ fn maybe_url() -> utoipa::openapi::ObjectBuilder {
 
 /// The payment providers.
 fn channels() -> utoipa::openapi::ObjectBuilder {
-    super::openapi::one_of(Channel::ALL.map(Channel::as_str))
+    super::openapi::one_of(Channel::ALL.map(Channel::as_str), false)
 }
 
 fn maybe_channel() -> utoipa::openapi::ObjectBuilder {
-    super::openapi::maybe_one_of(Channel::ALL.map(Channel::as_str))
+    super::openapi::one_of(Channel::ALL.map(Channel::as_str), true)
 }
 
 /// The order created and where to send the buyer to pay.
@@ -270,11 +270,11 @@ pub struct CreateSessionBody {
 }
 
 fn session_types() -> utoipa::openapi::ObjectBuilder {
-    super::openapi::one_of(["subscription", "pack"])
+    super::openapi::one_of(["subscription", "pack"], false)
 }
 
 fn maybe_period() -> utoipa::openapi::ObjectBuilder {
-    super::openapi::maybe_one_of(Period::ALL.map(Period::as_str))
+    super::openapi::one_of(Period::ALL.map(Period::as_str), true)
 }
 
 /// The order created and the provider's checkout URL.
