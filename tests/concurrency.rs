@@ -1147,26 +1147,27 @@ async fn a_read_only_database_answers_unavailable_until_it_takes_writes() {
     let admin_db = sea_orm::Database::connect(std::env::var("TEST_DATABASE_URL").expect("url"))
         .await
         .expect("connect");
-    let name = g
-        .server
-        .db
-        .url
-        .rsplit_once('/')
-        .map(|(_, n)| n.split('?').next().unwrap_or(n).to_owned())
-        .expect("a database name");
-    let cut = format!(
-        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE datname = '{name}'"
-    );
-    let set =
-        |on: bool| format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = {on}");
-    admin_db
-        .execute_unprepared(&set(true))
-        .await
-        .expect("read only");
-    admin_db
-        .execute_unprepared(&cut)
-        .await
-        .expect("cut sessions");
+    let name = g.server.db.name.clone().expect("a PostgreSQL database");
+    // New sessions read-only (or not), and every session of the database
+    // cut, so the service's next ones get the new setting.
+    let switch = |read_only: bool| {
+        let (admin_db, name) = (&admin_db, &name);
+        async move {
+            admin_db
+                .execute_unprepared(&format!(
+                    "ALTER DATABASE \"{name}\" SET default_transaction_read_only = {read_only}"
+                ))
+                .await
+                .expect("alter database");
+            admin_db
+                .execute_unprepared(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+                ))
+                .await
+                .expect("cut sessions");
+        }
+    };
+    switch(true).await;
 
     let mut usage = pb::usage_service_client::UsageServiceClient::new(g.channel.clone());
     let consume = |key: &str| {
@@ -1191,14 +1192,7 @@ async fn a_read_only_database_answers_unavailable_until_it_takes_writes() {
 
     // The node is promoted: it takes writes again (new sessions), and the
     // service's sessions to it are renewed.
-    admin_db
-        .execute_unprepared(&set(false))
-        .await
-        .expect("read write");
-    admin_db
-        .execute_unprepared(&cut)
-        .await
-        .expect("cut sessions");
+    switch(false).await;
     let start = std::time::Instant::now();
     let answer = loop {
         match usage.consume(consume("ro-after")).await {

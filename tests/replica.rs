@@ -16,7 +16,7 @@ use std::{
 };
 
 use billing::{auth::Role, clock::SystemClock, pb};
-use common::{Backend, TestDb, authed, invariants, json_of, start_on};
+use common::{Backend, TestDb, TestServer, authed, invariants, json_of};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use tonic::transport::Channel;
 
@@ -87,6 +87,20 @@ async fn transactions_total(
         .total
 }
 
+/// Waits until the listing shows `rows` rows (see [`eventually`]).
+async fn listed(
+    credits: &pb::credits_service_client::CreditsServiceClient<Channel>,
+    user: &str,
+    rows: i64,
+    what: &str,
+) -> Duration {
+    eventually(what, || {
+        let mut credits = credits.clone();
+        async move { transactions_total(&mut credits, user).await == rows }
+    })
+    .await
+}
+
 async fn grants_this_month(
     credits: &mut pb::credits_service_client::CreditsServiceClient<Channel>,
     user: &str,
@@ -119,9 +133,7 @@ async fn lag_tolerant_reads_go_to_the_replica_and_balance_changing_paths_stay_on
         return Ok(());
     }
     let db = TestDb::new(Backend::Postgres).await;
-    let name = db.url.rsplit_once('/').map(|(_, n)| n).unwrap_or_default();
-    let name = name.split('?').next().unwrap_or_default().to_owned();
-    let Some(read_url) = replica_url(&name) else {
+    let Some(read_url) = replica_url(db.name.as_deref().unwrap_or_default()) else {
         eprintln!("skipped: no TEST_REPLICA_URL");
         return Ok(());
     };
@@ -133,25 +145,25 @@ async fn lag_tolerant_reads_go_to_the_replica_and_balance_changing_paths_stay_on
     })
     .await;
 
-    let server = start_on(
-        &db.url,
+    let t = TestServer::start_in(
+        Backend::Postgres,
+        db,
         &[("DATABASE_READ_URL", read_url.as_str())],
         Arc::new(SystemClock),
     )
     .await;
-    let keys = billing::auth::JwtKeys::new(secrecy::SecretString::from(common::JWT_SECRET));
-    let now = chrono::Utc::now().timestamp();
-    let admin = keys.issue("ops", "ops", Role::Admin, now, 3600);
-    let user = keys.issue("alice", "acme", Role::User, now, 3600);
-    let channel = common::connect(server.grpc_addr).await;
+    let admin = t.token(Role::Admin, "ops");
+    let user = t.token(Role::User, "acme");
+    let channel = t.channel().await;
     let mut admins = pb::admin_service_client::AdminServiceClient::new(channel.clone());
     let mut credits = pb::credits_service_client::CreditsServiceClient::new(channel);
-    let http = reqwest::Client::new();
-    let rest_rows = |http: reqwest::Client| {
-        let url = format!("http://{}/credits/transactions", server.http_addr);
-        let user = user.clone();
+    let rest_rows = || {
+        let request = t
+            .http
+            .get(t.rest("/credits/transactions"))
+            .bearer_auth(&user);
         async move {
-            let response = http.get(url).bearer_auth(user).send().await;
+            let response = request.send().await;
             let (status, body) = json_of(response.expect("GET /credits/transactions"))
                 .await
                 .expect("a JSON body");
@@ -163,11 +175,12 @@ async fn lag_tolerant_reads_go_to_the_replica_and_balance_changing_paths_stay_on
     admins
         .manual_adjust(authed(&admin, grant(10 * CREDIT, "g1")))
         .await?;
-    let lag = eventually("the first grant is listed from the replica", || {
-        let mut credits = credits.clone();
-        let user = user.clone();
-        async move { transactions_total(&mut credits, &user).await == 1 }
-    })
+    let lag = listed(
+        &credits,
+        &user,
+        1,
+        "the first grant is listed from the replica",
+    )
     .await;
     eprintln!("an acknowledged grant was listed from the replica {lag:?} later");
 
@@ -206,24 +219,25 @@ async fn lag_tolerant_reads_go_to_the_replica_and_balance_changing_paths_stay_on
 
     // The lag-tolerant reads show the replica's (paused) state.
     assert_eq!(transactions_total(&mut credits, &user).await, 1);
-    assert_eq!(rest_rows(http.clone()).await, 1);
+    assert_eq!(rest_rows().await, 1);
     assert_eq!(grants_this_month(&mut credits, &user).await, 10 * CREDIT);
 
     replica_admin
         .execute_unprepared("SELECT pg_wal_replay_resume()")
         .await?;
-    let caught_up = eventually("the listings catch up once replay resumes", || {
-        let mut credits = credits.clone();
-        let user = user.clone();
-        async move { transactions_total(&mut credits, &user).await == 3 }
-    })
+    let caught_up = listed(
+        &credits,
+        &user,
+        3,
+        "the listings catch up once replay resumes",
+    )
     .await;
     eprintln!("replica caught up {caught_up:?} after replay resumed");
-    assert_eq!(rest_rows(http).await, 3);
+    assert_eq!(rest_rows().await, 3);
     assert_eq!(grants_this_month(&mut credits, &user).await, 15 * CREDIT);
 
-    server.shutdown().await?;
-    let primary = Database::connect(&db.url).await?;
+    let primary = Database::connect(&t.db.url).await?;
+    t.stop().await;
     invariants::check(&primary, chrono::Utc::now()).await;
     Ok(())
 }

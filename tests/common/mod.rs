@@ -47,6 +47,8 @@ pub fn backends() -> Vec<Backend> {
 /// A fresh, empty database for one test.
 pub struct TestDb {
     pub url: String,
+    /// The PostgreSQL database's name (`None` on SQLite).
+    pub name: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -61,6 +63,7 @@ impl TestDb {
                 );
                 Self {
                     url,
+                    name: None,
                     _dir: Some(dir),
                 }
             }
@@ -80,6 +83,7 @@ impl TestDb {
                 let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
                 Self {
                     url: format!("{base}/{name}{query}"),
+                    name: Some(name),
                     _dir: None,
                 }
             }
@@ -103,7 +107,16 @@ impl TestServer {
 
     /// Starts with extra environment settings and a clock.
     pub async fn start_with(backend: Backend, env: &[(&str, &str)], clock: Arc<dyn Clock>) -> Self {
-        let db = TestDb::new(backend).await;
+        Self::start_in(backend, TestDb::new(backend).await, env, clock).await
+    }
+
+    /// Starts on a database the test made (and perhaps prepared) itself.
+    pub async fn start_in(
+        backend: Backend,
+        db: TestDb,
+        env: &[(&str, &str)],
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let server = start_on(&db.url, env, clock).await;
         Self {
             backend,
