@@ -24,7 +24,7 @@
 //! the script) the first call started after it was answered.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -95,14 +95,24 @@ enum Op {
     },
 }
 
-/// What its answer said.
+/// What an answer said.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    /// The transaction (or hold) id and the credits it moved.
+    Done { id: String, micros: i64 },
+    /// The hold was already finished: how, by which transaction, what it
+    /// charged (RESERVATION_FINISHED and its metadata).
+    Finished {
+        status: String,
+        transaction_id: String,
+        charged: i64,
+    },
+}
+
+/// How a call ended.
 #[derive(Debug, Clone)]
 enum Outcome {
-    /// The transaction (or hold) id and the credits it moved.
-    Acked {
-        id: String,
-        micros: i64,
-    },
+    Acked(Answer),
     Refused(Code),
     Unknown(Code),
 }
@@ -259,7 +269,7 @@ async fn call(c: &mut Clients, t: &Tokens, op: &Op, timeout: Duration) -> Outcom
             .map(|r| (hold.clone(), r.into_inner().released_micros)),
     };
     match answer {
-        Ok((id, micros)) => Outcome::Acked { id, micros },
+        Ok((id, micros)) => Outcome::Acked(Answer::Done { id, micros }),
         Err(s) if unknown(s.code()) => Outcome::Unknown(s.code()),
         Err(s) => {
             // A finished hold answers how it finished: for a Commit sent
@@ -268,21 +278,12 @@ async fn call(c: &mut Clients, t: &Tokens, op: &Op, timeout: Duration) -> Outcom
                 (op, s.get_details_error_info())
                 && info.reason == "RESERVATION_FINISHED"
             {
-                let status = info.metadata.get("status").cloned().unwrap_or_default();
-                let charged = info
-                    .metadata
-                    .get("charged_micros")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                let id = info
-                    .metadata
-                    .get("transaction_id")
-                    .cloned()
-                    .unwrap_or_default();
-                return Outcome::Acked {
-                    id: format!("finished:{status}:{id}"),
-                    micros: charged,
-                };
+                let text = |key: &str| info.metadata.get(key).cloned().unwrap_or_default();
+                return Outcome::Acked(Answer::Finished {
+                    status: text("status"),
+                    transaction_id: text("transaction_id"),
+                    charged: text("charged_micros").parse().unwrap_or(0),
+                });
             }
             Outcome::Refused(s.code())
         }
@@ -292,7 +293,7 @@ async fn call(c: &mut Clients, t: &Tokens, op: &Op, timeout: Duration) -> Outcom
 /// A definite answer.
 #[derive(Debug)]
 enum Settled {
-    Acked { id: String, micros: i64 },
+    Acked(Answer),
     Refused(Code),
 }
 
@@ -301,7 +302,7 @@ async fn settle(c: &mut Clients, t: &Tokens, op: &Op) -> anyhow::Result<Settled>
     let start = Instant::now();
     loop {
         match call(c, t, op, Duration::from_secs(10)).await {
-            Outcome::Acked { id, micros } => return Ok(Settled::Acked { id, micros }),
+            Outcome::Acked(answer) => return Ok(Settled::Acked(answer)),
             Outcome::Refused(code) => return Ok(Settled::Refused(code)),
             Outcome::Unknown(code) if start.elapsed() > Duration::from_secs(120) => {
                 bail!("{op:?} still answers {code:?} after 120 s")
@@ -369,7 +370,7 @@ async fn work(mut c: Clients, load: Arc<Load>, worker: usize) {
         let started_ms = now_ms();
         let outcome = call(&mut c, t, &first, timeout).await;
         let hold = match (&first, &outcome) {
-            (Op::Reserve { .. }, Outcome::Acked { id, .. }) => Some(id.clone()),
+            (Op::Reserve { .. }, Outcome::Acked(Answer::Done { id, .. })) => Some(id.clone()),
             _ => None,
         };
         push(log, first, outcome, started_ms);
@@ -408,8 +409,13 @@ fn org_of(op: &Op) -> &str {
     }
 }
 
-/// Stored credits an acknowledged `op` moved (holds move none).
-fn stored_effect(op: &Op, micros: i64) -> i64 {
+/// Stored credits an acknowledged `op` moved (holds move none; a Commit
+/// that finds its hold committed moved what that commit charged).
+fn stored_effect(op: &Op, answer: &Answer) -> i64 {
+    let micros = match answer {
+        Answer::Done { micros, .. } => *micros,
+        Answer::Finished { charged, .. } => *charged,
+    };
     match op {
         Op::Consume { .. } | Op::Commit { .. } => -micros,
         Op::Grant { .. } => micros,
@@ -480,7 +486,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut acked, mut refused, mut unknown_count) = (0, 0, 0);
     for r in &records {
         match &r.outcome {
-            Outcome::Acked { .. } => acked += 1,
+            Outcome::Acked(_) => acked += 1,
             Outcome::Refused(code) => {
                 refused += 1;
                 *by_code.entry(format!("{code:?}")).or_default() += 1;
@@ -505,12 +511,12 @@ async fn main() -> anyhow::Result<()> {
             .context("--kill-marker: unix milliseconds")?;
         let back = records
             .iter()
-            .filter(|r| r.started_ms >= killed && matches!(r.outcome, Outcome::Acked { .. }))
+            .filter(|r| r.started_ms >= killed && matches!(r.outcome, Outcome::Acked(_)))
             .map(|r| r.ended_ms)
             .min();
         let failed_after = records
             .iter()
-            .filter(|r| r.ended_ms >= killed && !matches!(r.outcome, Outcome::Acked { .. }))
+            .filter(|r| r.ended_ms >= killed && !matches!(r.outcome, Outcome::Acked(_)))
             .count();
         // Answers per second around the kill, by when each call ended.
         let mut seconds: BTreeMap<i64, (usize, usize)> = BTreeMap::new();
@@ -519,7 +525,7 @@ async fn main() -> anyhow::Result<()> {
             if (-1..=20).contains(&at) {
                 let slot = seconds.entry(at).or_default();
                 match r.outcome {
-                    Outcome::Acked { .. } => slot.0 += 1,
+                    Outcome::Acked(_) => slot.0 += 1,
                     Outcome::Refused(_) | Outcome::Unknown(_) => slot.1 += 1,
                 }
             }
@@ -556,45 +562,50 @@ async fn main() -> anyhow::Result<()> {
     let mut c = clients(&args.targets[0]).await?;
     let mut expected: BTreeMap<String, i64> = orgs.iter().map(|o| (o.clone(), SEED)).collect();
     let mut open_holds: Vec<(String, String)> = Vec::new();
-    let mut committed_holds: Vec<String> = Vec::new();
+    let mut finished_holds: HashSet<String> = HashSet::new();
     let (mut replayed, mut settled_unknown) = (0, 0);
     for r in &records {
         let again = settle(&mut c, tokens, &r.op).await?;
         match (&r.outcome, &again) {
-            (
-                Outcome::Acked { id, micros },
-                Settled::Acked {
-                    id: id2,
-                    micros: m2,
-                },
-            ) => {
-                let same = match &r.op {
+            (Outcome::Acked(first), Settled::Acked(replay)) => {
+                let same = match (&r.op, first, replay) {
                     // A Commit sent again answers that the hold was
-                    // committed, with the transaction and the charge.
-                    Op::Commit { .. } => *id2 == format!("finished:committed:{id}") && m2 == micros,
-                    Op::Release { .. } => id2.starts_with("finished:released:"),
-                    Op::Consume { .. } | Op::Grant { .. } | Op::Reserve { .. } => {
-                        id2 == id && m2 == micros
+                    // committed, by its transaction, with its charge.
+                    (
+                        Op::Commit { .. },
+                        Answer::Done { id, micros },
+                        Answer::Finished {
+                            status,
+                            transaction_id,
+                            charged,
+                        },
+                    ) => status == "committed" && transaction_id == id && charged == micros,
+                    (Op::Release { .. }, Answer::Done { .. }, Answer::Finished { status, .. }) => {
+                        status == "released"
                     }
+                    (Op::Consume { .. } | Op::Grant { .. } | Op::Reserve { .. }, _, _) => {
+                        replay == first
+                    }
+                    (Op::Commit { .. } | Op::Release { .. }, _, _) => false,
                 };
                 if !same {
                     println!(
-                        "ha-load: FAIL: {:?} answered {id} ({micros}), its replay {id2} ({m2})",
+                        "ha-load: FAIL: {:?} answered {first:?}, its replay {replay:?}",
                         r.op
                     );
                     failed = true;
                 }
                 replayed += 1;
                 *expected.entry(org_of(&r.op).to_owned()).or_default() +=
-                    stored_effect(&r.op, *micros);
+                    stored_effect(&r.op, first);
             }
-            (Outcome::Unknown(_), Settled::Acked { micros, .. }) => {
+            (Outcome::Unknown(_), Settled::Acked(answer)) => {
                 settled_unknown += 1;
                 *expected.entry(org_of(&r.op).to_owned()).or_default() +=
-                    stored_effect(&r.op, *micros);
+                    stored_effect(&r.op, answer);
             }
             (Outcome::Refused(_), _) | (Outcome::Unknown(_), Settled::Refused(_)) => {}
-            (Outcome::Acked { .. }, Settled::Refused(code)) => {
+            (Outcome::Acked(_), Settled::Refused(code)) => {
                 println!(
                     "ha-load: FAIL: {:?} was answered, its replay refused with {code:?}",
                     r.op
@@ -603,11 +614,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         match (&r.op, &again) {
-            (Op::Reserve { org, .. }, Settled::Acked { id, .. }) => {
+            (Op::Reserve { org, .. }, Settled::Acked(Answer::Done { id, .. })) => {
                 open_holds.push((org.clone(), id.clone()))
             }
-            (Op::Commit { hold, .. } | Op::Release { hold, .. }, Settled::Acked { .. }) => {
-                committed_holds.push(hold.clone())
+            (Op::Commit { hold, .. } | Op::Release { hold, .. }, Settled::Acked(_)) => {
+                finished_holds.insert(hold.clone());
             }
             _ => {}
         }
@@ -615,7 +626,7 @@ async fn main() -> anyhow::Result<()> {
     // Holds whose Reserve took effect but that were never finished.
     let mut released = 0;
     for (org, hold) in &open_holds {
-        if committed_holds.contains(hold) {
+        if finished_holds.contains(hold) {
             continue;
         }
         let op = Op::Release {
