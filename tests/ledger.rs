@@ -1131,6 +1131,96 @@ async fn idempotency_records_are_pruned_after_their_retention() -> R {
     Ok(())
 }
 
+/// Pruning takes old records a chunk at a time, by age, until none is
+/// left, and leaves the young ones.
+#[tokio::test]
+async fn idempotency_pruning_goes_chunk_by_chunk() -> R {
+    use billing::{entities::idempotency_record, ledger::sweeper};
+    use sea_orm::{EntityTrait, PaginatorTrait, Set};
+    for backend in backends() {
+        let now = Utc::now();
+        let t = TestServer::start(backend).await;
+        let ledger = &t.server.state.ledger;
+        let org = ledger.ensure_org("acme").await?;
+        let old = now - sweeper::IDEMPOTENCY_RETENTION - TimeDelta::hours(1);
+        // 2,500 expired records over 250 instants, and 10 young ones.
+        let records = (0..2510).map(|i| idempotency_record::ActiveModel {
+            org_id: Set(org),
+            method: Set("Consume".into()),
+            key: Set(format!("k{i}")),
+            request_hash: Set("h".into()),
+            response: Set("{}".into()),
+            created_at: Set(if i < 2500 {
+                old + TimeDelta::seconds(i / 10)
+            } else {
+                now
+            }),
+        });
+        for chunk in records.collect::<Vec<_>>().chunks(500) {
+            idempotency_record::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&t.server.state.db)
+                .await?;
+        }
+        assert_eq!(
+            sweeper::prune_idempotency(ledger).await?,
+            2500,
+            "{backend:?}"
+        );
+        assert_eq!(
+            idempotency_record::Entity::find()
+                .count(&t.server.state.db)
+                .await?,
+            10
+        );
+        t.stop().await;
+    }
+    Ok(())
+}
+
+/// The migration that keys allocations and idempotency records by what
+/// they name keeps every row, undone and done again, and a key recorded
+/// before it still replays after it.
+#[tokio::test]
+async fn natural_keys_migration_keeps_rows_both_ways() -> R {
+    use migration::MigratorTrait as _;
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    async fn counts(conn: &sea_orm::DatabaseConnection) -> Result<(u64, u64), sea_orm::DbErr> {
+        use billing::entities::{idempotency_record, lot_allocation};
+        Ok((
+            lot_allocation::Entity::find().count(conn).await?,
+            idempotency_record::Entity::find().count(conn).await?,
+        ))
+    }
+    for backend in backends() {
+        let t = TestServer::start(backend).await;
+        let mut c = Clients::new(&t).await;
+        c.grant("acme", 10 * CREDIT, None, Utc::now()).await;
+        let first = c.consume("acme", "ai_tokens", 500_000, "k1").await?;
+        c.consume("acme", "ai_tokens", 500_000, "k2").await?;
+        drop(c);
+        let TestServer { server, db, .. } = t;
+        server.shutdown().await?;
+
+        let conn = billing::db::connect(&db.url).await?;
+        let before = counts(&conn).await?;
+        assert_eq!(before, (3, 2), "{backend:?}: three lot moves, two keys");
+        migration::Migrator::down(&conn, Some(1)).await?;
+        assert_eq!(counts(&conn).await?, before, "{backend:?}: down");
+        migration::Migrator::up(&conn, None).await?;
+        assert_eq!(counts(&conn).await?, before, "{backend:?}: up again");
+        conn.close().await?;
+
+        let t = TestServer::start_in(backend, db, &[], Arc::new(billing::clock::SystemClock)).await;
+        let mut c = Clients::new(&t).await;
+        let again = c.consume("acme", "ai_tokens", 500_000, "k1").await?;
+        assert!(again.duplicate, "{backend:?}");
+        assert_eq!(again.transaction_id, first.transaction_id);
+        invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn organizations_can_be_created_outside_the_writer() -> R {
     for backend in backends() {

@@ -15,7 +15,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tokio_util::sync::CancellationToken;
 
 use super::{Ledger, model::LotKind};
@@ -72,31 +72,39 @@ pub async fn sweep_all(ledger: &Ledger) -> Result<usize> {
     Ok(swept)
 }
 
-/// Deletes idempotency records older than [`IDEMPOTENCY_RETENTION`], a
-/// chunk at a time. Returns how many were deleted.
+/// Deletes idempotency records older than [`IDEMPOTENCY_RETENTION`], about
+/// a chunk at a time, oldest first. Returns how many were deleted.
+///
+/// Records are keyed by what they answer, so a chunk is bounded by age:
+/// each round deletes up to the creation time of the [`PRUNE_CHUNK`]th
+/// oldest expired record (and any written in the same instant, one batch
+/// at most), and the last round deletes what is left.
 pub async fn prune_idempotency(ledger: &Ledger) -> Result<u64> {
+    use idempotency_record::Column::CreatedAt;
     let cutoff = ledger.now() - IDEMPOTENCY_RETENTION;
     let db = ledger.db();
     let mut deleted = 0;
     loop {
-        let ids: Vec<i64> = idempotency_record::Entity::find()
+        let bound: Option<chrono::DateTime<chrono::Utc>> = idempotency_record::Entity::find()
             .select_only()
-            .column(idempotency_record::Column::Id)
-            .filter(idempotency_record::Column::CreatedAt.lt(cutoff))
-            .limit(PRUNE_CHUNK)
+            .column(CreatedAt)
+            .filter(CreatedAt.lt(cutoff))
+            .order_by_asc(CreatedAt)
+            .offset(PRUNE_CHUNK - 1)
+            .limit(1)
             .into_tuple()
-            .all(db)
+            .one(db)
             .await?;
-        if ids.is_empty() {
-            return Ok(deleted);
-        }
-        let n = ids.len() as u64;
+        let chunk = match bound {
+            Some(t) => CreatedAt.lte(t),
+            None => CreatedAt.lt(cutoff),
+        };
         deleted += idempotency_record::Entity::delete_many()
-            .filter(idempotency_record::Column::Id.is_in(ids))
+            .filter(chunk)
             .exec(db)
             .await?
             .rows_affected;
-        if n < PRUNE_CHUNK {
+        if bound.is_none() {
             return Ok(deleted);
         }
     }

@@ -244,7 +244,6 @@ pub(super) async fn write(
                 transaction_id: Set(a.transaction_id),
                 lot_id: Set(a.lot_id),
                 amount_micros: Set(a.amount_micros),
-                ..Default::default()
             }
         }))
         .exec_without_returning(txn)
@@ -319,7 +318,6 @@ pub(super) async fn write(
                 request_hash: Set(r.request_hash),
                 response: Set(r.response),
                 created_at: Set(now),
-                ..Default::default()
             }
         }))
         .exec_without_returning(txn)

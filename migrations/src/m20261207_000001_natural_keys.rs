@@ -1,0 +1,154 @@
+//! Lot allocations and idempotency records are keyed by what identifies
+//! them, not by a surrogate number.
+//!
+//! A ledger row moves credits into or out of a lot at most once, so
+//! `(transaction_id, lot_id)` names an allocation; an idempotency record is
+//! the one answer to `(org_id, method, key)`, already unique. Nothing ever
+//! looked either up by its `id`. Each `Consume` writes one row of each, and
+//! the surrogate cost an index entry and a sequence step per row: the
+//! natural key becomes the primary key and replaces the index that led with
+//! the same columns (`ix_lot_allocations_transaction`,
+//! `uq_idempotency_org_method_key`). Measured: about 10 % less PostgreSQL
+//! CPU per `Consume` (see the README).
+//!
+//! PostgreSQL drops the column (its sequence goes with it) and adds the
+//! key in place. SQLite cannot change a primary key, so each table is
+//! rebuilt as a `WITHOUT ROWID` table clustered on its key (both have small
+//! rows, the case SQLite recommends it for), copied, and renamed; no other
+//! table references them. Existing rows are kept; a database whose rows
+//! already broke the key's uniqueness fails the migration rather than
+//! losing one.
+
+use sea_orm_migration::{
+    prelude::*,
+    sea_orm::{ConnectionTrait, DbBackend},
+};
+
+pub struct Migration;
+
+impl MigrationName for Migration {
+    fn name(&self) -> &str {
+        "m20261207_000001_natural_keys"
+    }
+}
+
+const POSTGRES_UP: &str = r#"
+ALTER TABLE lot_allocations DROP COLUMN id;
+ALTER TABLE lot_allocations ADD PRIMARY KEY (transaction_id, lot_id);
+DROP INDEX ix_lot_allocations_transaction;
+ALTER TABLE idempotency_records DROP COLUMN id;
+ALTER TABLE idempotency_records ADD PRIMARY KEY (org_id, method, key);
+DROP INDEX uq_idempotency_org_method_key;
+"#;
+
+const POSTGRES_DOWN: &str = r#"
+ALTER TABLE lot_allocations DROP CONSTRAINT lot_allocations_pkey;
+ALTER TABLE lot_allocations ADD COLUMN id bigserial PRIMARY KEY;
+CREATE INDEX ix_lot_allocations_transaction ON lot_allocations (transaction_id);
+ALTER TABLE idempotency_records DROP CONSTRAINT idempotency_records_pkey;
+ALTER TABLE idempotency_records ADD COLUMN id bigserial PRIMARY KEY;
+CREATE UNIQUE INDEX uq_idempotency_org_method_key ON idempotency_records (org_id, method, key);
+"#;
+
+/// The foreign keys, as the first migration wrote them.
+const ALLOCATION_KEYS: &str = r#"
+  FOREIGN KEY ("transaction_id") REFERENCES "ledger_transactions" ("id") ON DELETE RESTRICT ON UPDATE RESTRICT,
+  FOREIGN KEY ("lot_id") REFERENCES "credit_lots" ("id") ON DELETE RESTRICT ON UPDATE RESTRICT"#;
+const IDEMPOTENCY_KEYS: &str = r#"
+  FOREIGN KEY ("org_id") REFERENCES "organizations" ("id") ON DELETE RESTRICT ON UPDATE RESTRICT"#;
+
+fn sqlite_up() -> String {
+    format!(
+        r#"
+CREATE TABLE "lot_allocations_new" (
+  "transaction_id" varchar(36) NOT NULL,
+  "lot_id" integer NOT NULL,
+  "amount_micros" integer NOT NULL,
+  PRIMARY KEY ("transaction_id", "lot_id"),{ALLOCATION_KEYS}
+) WITHOUT ROWID;
+INSERT INTO "lot_allocations_new" ("transaction_id", "lot_id", "amount_micros")
+  SELECT "transaction_id", "lot_id", "amount_micros" FROM "lot_allocations";
+DROP TABLE "lot_allocations";
+ALTER TABLE "lot_allocations_new" RENAME TO "lot_allocations";
+CREATE INDEX "ix_lot_allocations_lot" ON "lot_allocations" ("lot_id");
+CREATE TABLE "idempotency_records_new" (
+  "org_id" integer NOT NULL,
+  "method" varchar(64) NOT NULL,
+  "key" varchar(255) NOT NULL,
+  "request_hash" varchar(64) NOT NULL,
+  "response" text NOT NULL,
+  "created_at" timestamp_with_timezone_text NOT NULL,
+  PRIMARY KEY ("org_id", "method", "key"),{IDEMPOTENCY_KEYS}
+) WITHOUT ROWID;
+INSERT INTO "idempotency_records_new"
+  ("org_id", "method", "key", "request_hash", "response", "created_at")
+  SELECT "org_id", "method", "key", "request_hash", "response", "created_at"
+    FROM "idempotency_records";
+DROP TABLE "idempotency_records";
+ALTER TABLE "idempotency_records_new" RENAME TO "idempotency_records";
+CREATE INDEX "ix_idempotency_created" ON "idempotency_records" ("created_at");
+"#
+    )
+}
+
+fn sqlite_down() -> String {
+    format!(
+        r#"
+CREATE TABLE "lot_allocations_old" (
+  "id" integer NOT NULL PRIMARY KEY AUTOINCREMENT,
+  "transaction_id" varchar(36) NOT NULL,
+  "lot_id" integer NOT NULL,
+  "amount_micros" integer NOT NULL,{ALLOCATION_KEYS}
+);
+INSERT INTO "lot_allocations_old" ("transaction_id", "lot_id", "amount_micros")
+  SELECT "transaction_id", "lot_id", "amount_micros" FROM "lot_allocations";
+DROP TABLE "lot_allocations";
+ALTER TABLE "lot_allocations_old" RENAME TO "lot_allocations";
+CREATE INDEX "ix_lot_allocations_transaction" ON "lot_allocations" ("transaction_id");
+CREATE INDEX "ix_lot_allocations_lot" ON "lot_allocations" ("lot_id");
+CREATE TABLE "idempotency_records_old" (
+  "id" integer NOT NULL PRIMARY KEY AUTOINCREMENT,
+  "org_id" integer NOT NULL,
+  "method" varchar(64) NOT NULL,
+  "key" varchar(255) NOT NULL,
+  "request_hash" varchar(64) NOT NULL,
+  "response" text NOT NULL,
+  "created_at" timestamp_with_timezone_text NOT NULL,{IDEMPOTENCY_KEYS}
+);
+INSERT INTO "idempotency_records_old"
+  ("org_id", "method", "key", "request_hash", "response", "created_at")
+  SELECT "org_id", "method", "key", "request_hash", "response", "created_at"
+    FROM "idempotency_records";
+DROP TABLE "idempotency_records";
+ALTER TABLE "idempotency_records_old" RENAME TO "idempotency_records";
+CREATE UNIQUE INDEX "uq_idempotency_org_method_key" ON "idempotency_records" ("org_id", "method", "key");
+CREATE INDEX "ix_idempotency_created" ON "idempotency_records" ("created_at");
+"#
+    )
+}
+
+async fn run(m: &SchemaManager<'_>, postgres: &str, sqlite: String) -> Result<(), DbErr> {
+    let sql = match m.get_database_backend() {
+        DbBackend::Postgres => postgres.to_owned(),
+        DbBackend::Sqlite => sqlite,
+        // The enum is non-exhaustive: anything else is refused, not guessed.
+        _ => {
+            return Err(DbErr::Migration(
+                "the billing service runs on SQLite or PostgreSQL only".into(),
+            ));
+        }
+    };
+    m.get_connection().execute_unprepared(&sql).await?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        run(m, POSTGRES_UP, sqlite_up()).await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        run(m, POSTGRES_DOWN, sqlite_down()).await
+    }
+}
