@@ -50,77 +50,89 @@ ALTER TABLE idempotency_records ADD COLUMN id bigserial PRIMARY KEY;
 CREATE UNIQUE INDEX uq_idempotency_org_method_key ON idempotency_records (org_id, method, key);
 "#;
 
-/// The foreign keys, as the first migration wrote them.
+/// The columns every version of each table has, and their foreign keys,
+/// as the first migration wrote them.
+const ALLOCATION_COLUMNS: &str = r#"
+  "transaction_id" varchar(36) NOT NULL,
+  "lot_id" integer NOT NULL,
+  "amount_micros" integer NOT NULL,"#;
 const ALLOCATION_KEYS: &str = r#"
   FOREIGN KEY ("transaction_id") REFERENCES "ledger_transactions" ("id") ON DELETE RESTRICT ON UPDATE RESTRICT,
   FOREIGN KEY ("lot_id") REFERENCES "credit_lots" ("id") ON DELETE RESTRICT ON UPDATE RESTRICT"#;
-const IDEMPOTENCY_KEYS: &str = r#"
-  FOREIGN KEY ("org_id") REFERENCES "organizations" ("id") ON DELETE RESTRICT ON UPDATE RESTRICT"#;
-
-fn sqlite_up() -> String {
-    format!(
-        r#"
-CREATE TABLE "lot_allocations_new" (
-  "transaction_id" varchar(36) NOT NULL,
-  "lot_id" integer NOT NULL,
-  "amount_micros" integer NOT NULL,
-  PRIMARY KEY ("transaction_id", "lot_id"),{ALLOCATION_KEYS}
-) WITHOUT ROWID;
-INSERT INTO "lot_allocations_new" ("transaction_id", "lot_id", "amount_micros")
-  SELECT "transaction_id", "lot_id", "amount_micros" FROM "lot_allocations";
-DROP TABLE "lot_allocations";
-ALTER TABLE "lot_allocations_new" RENAME TO "lot_allocations";
-CREATE INDEX "ix_lot_allocations_lot" ON "lot_allocations" ("lot_id");
-CREATE TABLE "idempotency_records_new" (
+const ALLOCATION_COPIED: &str = r#""transaction_id", "lot_id", "amount_micros""#;
+const IDEMPOTENCY_COLUMNS: &str = r#"
   "org_id" integer NOT NULL,
   "method" varchar(64) NOT NULL,
   "key" varchar(255) NOT NULL,
   "request_hash" varchar(64) NOT NULL,
   "response" text NOT NULL,
-  "created_at" timestamp_with_timezone_text NOT NULL,
-  PRIMARY KEY ("org_id", "method", "key"),{IDEMPOTENCY_KEYS}
-) WITHOUT ROWID;
-INSERT INTO "idempotency_records_new"
-  ("org_id", "method", "key", "request_hash", "response", "created_at")
-  SELECT "org_id", "method", "key", "request_hash", "response", "created_at"
-    FROM "idempotency_records";
-DROP TABLE "idempotency_records";
-ALTER TABLE "idempotency_records_new" RENAME TO "idempotency_records";
+  "created_at" timestamp_with_timezone_text NOT NULL,"#;
+const IDEMPOTENCY_KEYS: &str = r#"
+  FOREIGN KEY ("org_id") REFERENCES "organizations" ("id") ON DELETE RESTRICT ON UPDATE RESTRICT"#;
+const IDEMPOTENCY_COPIED: &str =
+    r#""org_id", "method", "key", "request_hash", "response", "created_at""#;
+
+/// SQLite's way to change a table's key: create `body` as a new table,
+/// copy the `copied` columns over, drop the old one, take its name.
+fn rebuild(table: &str, body: &str, options: &str, copied: &str) -> String {
+    format!(
+        r#"
+CREATE TABLE "{table}_rebuilt" ({body}
+){options};
+INSERT INTO "{table}_rebuilt" ({copied}) SELECT {copied} FROM "{table}";
+DROP TABLE "{table}";
+ALTER TABLE "{table}_rebuilt" RENAME TO "{table}";"#
+    )
+}
+
+fn sqlite_up() -> String {
+    let allocations = rebuild(
+        "lot_allocations",
+        &format!(
+            r#"{ALLOCATION_COLUMNS}
+  PRIMARY KEY ("transaction_id", "lot_id"),{ALLOCATION_KEYS}"#
+        ),
+        " WITHOUT ROWID",
+        ALLOCATION_COPIED,
+    );
+    let idempotency = rebuild(
+        "idempotency_records",
+        &format!(
+            r#"{IDEMPOTENCY_COLUMNS}
+  PRIMARY KEY ("org_id", "method", "key"),{IDEMPOTENCY_KEYS}"#
+        ),
+        " WITHOUT ROWID",
+        IDEMPOTENCY_COPIED,
+    );
+    format!(
+        r#"{allocations}
+CREATE INDEX "ix_lot_allocations_lot" ON "lot_allocations" ("lot_id");
+{idempotency}
 CREATE INDEX "ix_idempotency_created" ON "idempotency_records" ("created_at");
 "#
     )
 }
 
 fn sqlite_down() -> String {
+    const ID: &str = r#"
+  "id" integer NOT NULL PRIMARY KEY AUTOINCREMENT,"#;
+    let allocations = rebuild(
+        "lot_allocations",
+        &format!("{ID}{ALLOCATION_COLUMNS}{ALLOCATION_KEYS}"),
+        "",
+        ALLOCATION_COPIED,
+    );
+    let idempotency = rebuild(
+        "idempotency_records",
+        &format!("{ID}{IDEMPOTENCY_COLUMNS}{IDEMPOTENCY_KEYS}"),
+        "",
+        IDEMPOTENCY_COPIED,
+    );
     format!(
-        r#"
-CREATE TABLE "lot_allocations_old" (
-  "id" integer NOT NULL PRIMARY KEY AUTOINCREMENT,
-  "transaction_id" varchar(36) NOT NULL,
-  "lot_id" integer NOT NULL,
-  "amount_micros" integer NOT NULL,{ALLOCATION_KEYS}
-);
-INSERT INTO "lot_allocations_old" ("transaction_id", "lot_id", "amount_micros")
-  SELECT "transaction_id", "lot_id", "amount_micros" FROM "lot_allocations";
-DROP TABLE "lot_allocations";
-ALTER TABLE "lot_allocations_old" RENAME TO "lot_allocations";
+        r#"{allocations}
 CREATE INDEX "ix_lot_allocations_transaction" ON "lot_allocations" ("transaction_id");
 CREATE INDEX "ix_lot_allocations_lot" ON "lot_allocations" ("lot_id");
-CREATE TABLE "idempotency_records_old" (
-  "id" integer NOT NULL PRIMARY KEY AUTOINCREMENT,
-  "org_id" integer NOT NULL,
-  "method" varchar(64) NOT NULL,
-  "key" varchar(255) NOT NULL,
-  "request_hash" varchar(64) NOT NULL,
-  "response" text NOT NULL,
-  "created_at" timestamp_with_timezone_text NOT NULL,{IDEMPOTENCY_KEYS}
-);
-INSERT INTO "idempotency_records_old"
-  ("org_id", "method", "key", "request_hash", "response", "created_at")
-  SELECT "org_id", "method", "key", "request_hash", "response", "created_at"
-    FROM "idempotency_records";
-DROP TABLE "idempotency_records";
-ALTER TABLE "idempotency_records_old" RENAME TO "idempotency_records";
+{idempotency}
 CREATE UNIQUE INDEX "uq_idempotency_org_method_key" ON "idempotency_records" ("org_id", "method", "key");
 CREATE INDEX "ix_idempotency_created" ON "idempotency_records" ("created_at");
 "#
