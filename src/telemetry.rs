@@ -18,7 +18,9 @@
 //! gets a `trace_id` (its caller's `traceparent`'s, or a new one), shared
 //! by its nested spans and passed on to the gRPC upstream and Creem.
 
-use opentelemetry::trace::{TraceContextExt as _, TraceId, TracerProvider as _};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*, registry::LookupSpan as _};
@@ -99,31 +101,34 @@ pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&opentelemetry_http::HeaderExtractor(headers))
     });
-    let caller = parent.span().span_context().trace_id();
-    if parent.span().span_context().is_valid() {
+    let caller = parent.span().span_context().clone();
+    if caller.is_valid() {
         let _ = span.set_parent(parent);
     }
     let own = span.context().span().span_context().trace_id();
     let trace = if own != TraceId::INVALID {
         own
     } else {
-        let trace = if caller != TraceId::INVALID {
-            caller
-        } else {
-            log_trace(&tracing::Span::current())
-                .unwrap_or_else(|| TraceId::from(rand::random::<u128>().max(1)))
-        };
-        span.with_subscriber(|(id, dispatch)| {
-            if let Some(span) = dispatch
-                .downcast_ref::<tracing_subscriber::Registry>()
-                .and_then(|r| r.span(id))
-            {
-                span.extensions_mut().insert(LogTrace(trace));
-            }
-        });
+        let trace = Some(caller.trace_id())
+            .filter(|t| *t != TraceId::INVALID)
+            .or_else(|| log_trace(&tracing::Span::current()))
+            .unwrap_or_else(|| TraceId::from(rand::random::<u128>().max(1)));
+        keep_log_trace(span, trace);
         trace
     };
     span.record("trace_id", tracing::field::display(trace));
+}
+
+/// Keeps `trace` on `span` as its [`LogTrace`].
+fn keep_log_trace(span: &tracing::Span, trace: TraceId) {
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(span) = dispatch
+            .downcast_ref::<tracing_subscriber::Registry>()
+            .and_then(|r| r.span(id))
+        {
+            span.extensions_mut().insert(LogTrace(trace));
+        }
+    });
 }
 
 /// The trace id of a call's log lines when OpenTelemetry is not installed.
@@ -147,17 +152,22 @@ fn log_trace(span: &tracing::Span) -> Option<TraceId> {
 /// call's log trace id goes on, under a new span id.
 pub fn inject_current(headers: &mut http::HeaderMap) {
     let current = tracing::Span::current();
-    let context = current.context();
-    if context.span().span_context().is_valid() {
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
-        });
-    } else if let Some(trace) = log_trace(&current) {
-        let span = rand::random::<u64>().max(1);
-        if let Ok(value) = http::HeaderValue::from_str(&format!("00-{trace}-{span:016x}-01")) {
-            headers.insert("traceparent", value);
-        }
+    let mut context = current.context();
+    if !context.span().span_context().is_valid() {
+        let Some(trace) = log_trace(&current) else {
+            return;
+        };
+        context = context.with_remote_span_context(SpanContext::new(
+            trace,
+            SpanId::from(rand::random::<u64>().max(1)),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        ));
     }
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
+    });
 }
 
 /// The `grpc` span of a call (tower-http's `MakeSpan`).
