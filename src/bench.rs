@@ -464,14 +464,14 @@ async fn pgbench_init(database_url: &str, scale: usize) -> anyhow::Result<String
     };
     let server = base.rsplit_once('/').map(|(s, _)| s).unwrap_or(base);
     let scratch = format!("{server}/billing_pgbench{query}");
-    let admin = Database::connect(database_url).await?;
-    admin
-        .execute_unprepared("DROP DATABASE IF EXISTS billing_pgbench")
-        .await?;
-    admin
-        .execute_unprepared("CREATE DATABASE billing_pgbench")
-        .await?;
-    admin.close().await?;
+    on_server(
+        database_url,
+        &[
+            "DROP DATABASE IF EXISTS billing_pgbench",
+            "CREATE DATABASE billing_pgbench",
+        ],
+    )
+    .await?;
     println!("pgbench: initialising at scale {scale}…");
     let init = Command::new("pgbench")
         .args(["-i", "-q", "-s", &scale.to_string(), &scratch])
@@ -517,19 +517,22 @@ fn pgbench_run(scratch: &str, clients: usize, seconds: u64) -> anyhow::Result<f6
 /// written out now, not during the next measurement. Each run, pgbench's
 /// and the service's, starts from the same clean state.
 async fn checkpoint(database_url: &str) -> anyhow::Result<()> {
-    let admin = Database::connect(database_url).await?;
-    admin
-        .execute_unprepared("CHECKPOINT")
+    on_server(database_url, &["CHECKPOINT"])
         .await
-        .context("CHECKPOINT before a run (needs a superuser or pg_checkpoint)")?;
-    admin.close().await?;
-    Ok(())
+        .context("CHECKPOINT before a run (needs a superuser or pg_checkpoint)")
 }
 
 async fn pgbench_drop(database_url: &str) -> anyhow::Result<()> {
+    on_server(database_url, &["DROP DATABASE IF EXISTS billing_pgbench"]).await
+}
+
+/// Runs `statements` in turn on a connection of their own to
+/// `database_url`, closed afterwards.
+async fn on_server(database_url: &str, statements: &[&str]) -> anyhow::Result<()> {
     let admin = Database::connect(database_url).await?;
-    admin
-        .execute_unprepared("DROP DATABASE IF EXISTS billing_pgbench")
-        .await?;
+    for sql in statements {
+        admin.execute_unprepared(sql).await?;
+    }
+    admin.close().await?;
     Ok(())
 }
