@@ -509,9 +509,19 @@ async fn main() -> anyhow::Result<()> {
             .trim()
             .parse()
             .context("--kill-marker: unix milliseconds")?;
+        // The kill takes a moment to bite: calls started just after the
+        // marker may still be answered by the dying primary. The outage
+        // starts with the first failure after the kill, and ends with the
+        // first answer to a call started after that failure.
+        let first_failure = records
+            .iter()
+            .filter(|r| r.ended_ms >= killed && !matches!(r.outcome, Outcome::Acked(_)))
+            .map(|r| r.ended_ms)
+            .min()
+            .unwrap_or(killed);
         let back = records
             .iter()
-            .filter(|r| r.started_ms >= killed && matches!(r.outcome, Outcome::Acked(_)))
+            .filter(|r| r.started_ms >= first_failure && matches!(r.outcome, Outcome::Acked(_)))
             .map(|r| r.ended_ms)
             .min();
         let failed_after = records
@@ -540,7 +550,8 @@ async fn main() -> anyhow::Result<()> {
         );
         match back {
             Some(t) => println!(
-                "ha-load: answered again {:.1} s after the primary was killed ({failed_after} calls failed in between)",
+                "ha-load: first failure {:.1} s after the primary was killed, answered again {:.1} s after it ({failed_after} calls failed in between)",
+                (first_failure - killed) as f64 / 1000.0,
                 (t - killed) as f64 / 1000.0
             ),
             None => {
