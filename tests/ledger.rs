@@ -1102,6 +1102,10 @@ async fn holds_outliving_their_lots_and_committed_holds_as_consumption() -> R {
     Ok(())
 }
 
+/// Idempotency records (every keyed method but `Consume`) are pruned
+/// after their retention, and a key replayed later is a new request. A
+/// `Consume`'s key lives on its ledger row, which is never pruned: it
+/// replays for as long as the ledger exists.
 #[tokio::test]
 async fn idempotency_records_are_pruned_after_their_retention() -> R {
     use billing::ledger::sweeper;
@@ -1110,7 +1114,26 @@ async fn idempotency_records_are_pruned_after_their_retention() -> R {
         let t = TestServer::start_with(backend, &[], Arc::new(clock.clone())).await;
         let mut c = Clients::new(&t).await;
         c.grant("acme", 10 * CREDIT, None, clock.now()).await;
-        let first = c.consume("acme", "ai_tokens", 500_000, "p").await?;
+        let adjust = |key: &str| pb::ManualAdjustRequest {
+            org_id: "acme".into(),
+            amount_micros: CREDIT,
+            reason: "keyed grant".into(),
+            expires_at: None,
+            idempotency_key: Some(key.into()),
+        };
+        let token = c.admin_token.clone();
+        let granted = c
+            .admin
+            .manual_adjust(authed(&token, adjust("g")))
+            .await?
+            .into_inner();
+        let consumed = c.consume("acme", "ai_tokens", 500_000, "p").await?;
+        let replayed = c
+            .admin
+            .manual_adjust(authed(&token, adjust("g")))
+            .await?
+            .into_inner();
+        assert!(replayed.duplicate);
         assert!(
             c.consume("acme", "ai_tokens", 500_000, "p")
                 .await?
@@ -1119,12 +1142,26 @@ async fn idempotency_records_are_pruned_after_their_retention() -> R {
         let ledger = &t.server.state.ledger;
         assert_eq!(sweeper::prune_idempotency(ledger).await?, 0, "still kept");
         clock.advance(sweeper::IDEMPOTENCY_RETENTION + TimeDelta::seconds(1));
-        assert_eq!(sweeper::prune_idempotency(ledger).await?, 1);
-        // Past the retention the key is a new request.
-        let again = c.consume("acme", "ai_tokens", 500_000, "p").await?;
+        assert_eq!(
+            sweeper::prune_idempotency(ledger).await?,
+            1,
+            "{backend:?}: the adjustment's record, and nothing of the Consume"
+        );
+        // Past the retention the adjustment's key is a new request…
+        let again = c
+            .admin
+            .manual_adjust(authed(&token, adjust("g")))
+            .await?
+            .into_inner();
         assert!(!again.duplicate);
-        assert_ne!(again.transaction_id, first.transaction_id);
-        assert_eq!(again.balance_micros, 8 * CREDIT);
+        assert_ne!(again.transaction_id, granted.transaction_id);
+        // …and the Consume's still answers as itself.
+        let consumed_again = c.consume("acme", "ai_tokens", 500_000, "p").await?;
+        assert!(consumed_again.duplicate, "{backend:?}");
+        assert_eq!(consumed_again.transaction_id, consumed.transaction_id);
+        assert_eq!(consumed_again.balance_micros, consumed.balance_micros);
+        // 10 granted, the adjustment twice, one charge of 1 credit.
+        assert_eq!(c.balance(&t, "acme").await.balance_micros, 11 * CREDIT);
         invariants::check(&t.server.state.db, clock.now()).await;
         t.stop().await;
     }
@@ -1177,11 +1214,13 @@ async fn idempotency_pruning_goes_chunk_by_chunk() -> R {
     Ok(())
 }
 
-/// The migration that keys allocations and idempotency records by what
-/// they name keeps every row, undone and done again, and a key recorded
-/// before it still replays after it.
+/// The migrations that key allocations and idempotency records by what
+/// they name, and that make a `Consume`'s ledger row its idempotency
+/// record, keep every row, undone and done again. Undone, the ledger rows'
+/// keys become records; done again, those records (as any record from
+/// before) are still honoured, so a key recorded before them still replays.
 #[tokio::test]
-async fn natural_keys_migration_keeps_rows_both_ways() -> R {
+async fn key_migrations_keep_rows_and_keys_both_ways() -> R {
     use migration::MigratorTrait as _;
     use sea_orm::{EntityTrait, PaginatorTrait};
     async fn counts(conn: &sea_orm::DatabaseConnection) -> Result<(u64, u64), sea_orm::DbErr> {
@@ -1203,11 +1242,16 @@ async fn natural_keys_migration_keeps_rows_both_ways() -> R {
 
         let conn = billing::db::connect(&db.url).await?;
         let before = counts(&conn).await?;
-        assert_eq!(before, (3, 2), "{backend:?}: three lot moves, two keys");
-        migration::Migrator::down(&conn, Some(1)).await?;
-        assert_eq!(counts(&conn).await?, before, "{backend:?}: down");
+        assert_eq!(
+            before,
+            (3, 0),
+            "{backend:?}: three lot moves, keys on ledger rows"
+        );
+        migration::Migrator::down(&conn, Some(2)).await?;
+        let records = (3, 2);
+        assert_eq!(counts(&conn).await?, records, "{backend:?}: down");
         migration::Migrator::up(&conn, None).await?;
-        assert_eq!(counts(&conn).await?, before, "{backend:?}: up again");
+        assert_eq!(counts(&conn).await?, records, "{backend:?}: up again");
         conn.close().await?;
 
         let t = TestServer::start_in(backend, db, &[], Arc::new(billing::clock::SystemClock)).await;
@@ -1215,6 +1259,57 @@ async fn natural_keys_migration_keeps_rows_both_ways() -> R {
         let again = c.consume("acme", "ai_tokens", 500_000, "k1").await?;
         assert!(again.duplicate, "{backend:?}");
         assert_eq!(again.transaction_id, first.transaction_id);
+        assert_eq!(again.balance_micros, first.balance_micros);
+        let reused = c
+            .consume("acme", "ai_tokens", 400_000, "k2")
+            .await
+            .expect_err("a reused key with other parameters");
+        assert_eq!(reused.code(), tonic::Code::AlreadyExists, "{backend:?}");
+        // A key of a record, not of a ledger row, replays in a warm
+        // (unlocked) batch too: the balance shows the one charge.
+        for _ in 0..3 {
+            assert!(
+                c.consume("acme", "ai_tokens", 500_000, "k1")
+                    .await?
+                    .duplicate
+            );
+        }
+        c.consume("acme", "ai_tokens", 500_000, "k3").await?;
+        assert!(
+            c.consume("acme", "ai_tokens", 500_000, "k1")
+                .await?
+                .duplicate
+        );
+        assert!(
+            c.consume("acme", "ai_tokens", 500_000, "k3")
+                .await?
+                .duplicate
+        );
+        // 10 granted, k1, k2 and k3 charged once each.
+        assert_eq!(c.balance(&t, "acme").await.balance_micros, 7 * CREDIT);
+        if matches!(backend, Backend::Postgres) {
+            // A replica of the previous release, during a rolling upgrade,
+            // records `Consume` keys in the records table: it cannot record
+            // one that a ledger row holds (its write fails, charging
+            // nothing), and records any other as before.
+            use sea_orm::ConnectionTrait;
+            let record = |key: &str| {
+                format!(
+                    "INSERT INTO idempotency_records (org_id, method, key, request_hash, response, created_at) \
+                     SELECT id, 'consume', '{key}', 'h', '{{}}', now() FROM organizations WHERE external_id = 'acme'"
+                )
+            };
+            let db = &t.server.state.db;
+            let refused = db
+                .execute_unprepared(&record("k3"))
+                .await
+                .expect_err("a key a ledger row holds");
+            assert!(
+                refused.to_string().contains("already recorded"),
+                "{refused}"
+            );
+            db.execute_unprepared(&record("k9")).await?;
+        }
         invariants::check(&t.server.state.db, Utc::now()).await;
         t.stop().await;
     }

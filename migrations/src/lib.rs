@@ -16,6 +16,7 @@ mod m20261203_000003_subscription_payments;
 mod m20261204_000001_redemption_per_order;
 mod m20261206_000001_key_collation;
 mod m20261207_000001_natural_keys;
+mod m20261207_000002_consume_keys;
 
 pub struct Migrator;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000001_redemption_per_order::Migration),
             Box::new(m20261206_000001_key_collation::Migration),
             Box::new(m20261207_000001_natural_keys::Migration),
+            Box::new(m20261207_000002_consume_keys::Migration),
         ]
     }
 }

@@ -20,6 +20,11 @@ pub struct Model {
     pub quantity: Option<i64>,
     pub model: Option<String>,
     pub created_at: DateTimeUtc,
+    /// A `Consume`'s row is its idempotency record: the request's
+    /// fingerprint (its key is `reference_id`); `None` on every other row.
+    pub idempotency_hash: Option<String>,
+    /// A `Consume`'s row: the available balance its call answered.
+    pub available_after_micros: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -11,7 +11,8 @@
 //! keep this task busy.
 //!
 //! It also prunes idempotency records older than [`IDEMPOTENCY_RETENTION`]:
-//! a key replayed after that long is a new request.
+//! a key replayed after that long is a new request. (A `Consume`'s key is
+//! recorded on its ledger row instead, and kept with it.)
 
 use std::{collections::BTreeSet, time::Duration};
 

@@ -70,6 +70,20 @@ pub async fn check(db: &DatabaseConnection, now: DateTime<Utc>) {
                 "transaction {}: per-lot allocations do not add up",
                 t.id
             );
+            // A row that records a `Consume`'s key carries the whole first
+            // answer: the key, and an available balance the row allowed.
+            if t.idempotency_hash.is_some() {
+                assert_eq!(t.reference_type.as_deref(), Some("idempotency_key"));
+                assert!(t.reference_id.is_some(), "transaction {}: no key", t.id);
+                let available = t.available_after_micros.unwrap_or(-1);
+                assert!(
+                    (0..=t.balance_after_micros).contains(&available),
+                    "transaction {}: available after {available} outside its balance",
+                    t.id
+                );
+            } else {
+                assert_eq!(t.available_after_micros, None, "transaction {}", t.id);
+            }
         }
         assert_eq!(
             org.ledger_seq,

@@ -16,6 +16,7 @@ use crate::{
     entities::{admin_audit, ledger_transaction, reservation},
     error::{Error, Result},
     ledger::{
+        ConsumeOutcome,
         model::{Book, Hold, HoldStatus, Lot, LotRef},
         store::{
             self, Allocation, FinishedHold, IdemRow, KeyRef, LotUpdate, MonthlyRow, NewLot, OrgRow,
@@ -59,9 +60,21 @@ fn month_key(t: DateTime<Utc>) -> String {
 /// What the batch writes besides the books.
 #[derive(Default)]
 pub(super) struct Extra {
+    /// Idempotency records of every keyed method but `Consume`.
     pub(super) idempotency: Vec<(IdemKey, String)>,
+    /// The `Consume`s of the batch, by ledger row id.
+    pub(super) consume_keys: HashMap<String, ConsumeKey>,
     pub(super) audits: Vec<admin_audit::ActiveModel>,
     pub(super) side_writes: Vec<crate::ledger::SideWrite>,
+}
+
+/// What a `Consume`'s ledger row adds to be its own idempotency record:
+/// the request's fingerprint (the key is already the row's
+/// `reference_id`) and the available balance the call answered. With the
+/// row's id and amount, that is the whole first answer.
+pub(super) struct ConsumeKey {
+    pub(super) hash: String,
+    pub(super) available_after: i64,
 }
 
 /// What a batch leaves behind: each operation's answer, and for each
@@ -135,7 +148,9 @@ pub(super) async fn apply_batch(
                 books.insert(org_id, book);
             }
             // The keys are taken to be new: a stored one makes the write
-            // fail on the unique index, and the batch runs again locked.
+            // fail (on the unique index of `Consume` keys, or on the
+            // statement's probe of the records table), and the batch runs
+            // again locked.
             (books, HashMap::new(), BTreeSet::new())
         }
     };
@@ -235,6 +250,16 @@ async fn load(
         };
         idem_seen.insert((r.org_id, method, r.key), (r.request_hash, r.response));
     }
+    for r in loaded.consume_keys {
+        let answer = Outcome::Consume(ConsumeOutcome {
+            transaction_id: r.transaction_id,
+            charged_micros: r.charged_micros,
+            balance_micros: r.available_after_micros,
+            duplicate: false,
+        });
+        let response = stored_response(&answer).map_err(BatchError::Rule)?;
+        idem_seen.insert((r.org_id, "consume", r.key), (r.request_hash, response));
+    }
     let granted_sources = loaded.sources;
 
     let mut lots_by_org: HashMap<i64, Vec<Lot>> = HashMap::new();
@@ -331,7 +356,27 @@ fn apply_all(
                 (idem.org_id, idem.method, idem.key.clone()),
                 (idem.hash.clone(), response.clone()),
             );
-            extra.idempotency.push((idem.clone(), response));
+            match outcome {
+                // A `Consume`'s ledger row is its record (see `ConsumeKey`).
+                Outcome::Consume(o) => {
+                    extra.consume_keys.insert(
+                        o.transaction_id.clone(),
+                        ConsumeKey {
+                            hash: idem.hash.clone(),
+                            available_after: o.balance_micros,
+                        },
+                    );
+                }
+                Outcome::Reserve(_)
+                | Outcome::Adjust(_)
+                | Outcome::Grant(_)
+                | Outcome::Settle(_)
+                | Outcome::Void(_)
+                | Outcome::TakeBack(_)
+                | Outcome::Commit(_)
+                | Outcome::Release(_)
+                | Outcome::Swept => extra.idempotency.push((idem.clone(), response)),
+            }
         }
         outcomes.push(result);
     }
@@ -454,6 +499,7 @@ fn changed_rows(
             }
         }
         for e in &book.entries {
+            let key = extra.consume_keys.get(&e.id);
             rows.entries.push(ledger_transaction::Model {
                 id: e.id.clone(),
                 org_id: book.org_id,
@@ -468,6 +514,8 @@ fn changed_rows(
                 quantity: e.details.quantity,
                 model: e.details.model.clone(),
                 created_at: e.created_at,
+                idempotency_hash: key.map(|k| k.hash.clone()),
+                available_after_micros: key.map(|k| k.available_after),
             });
             for (lot, amount) in &e.allocations {
                 let lot_id = match lot {

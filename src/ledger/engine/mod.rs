@@ -12,7 +12,9 @@
 //!    PostgreSQL; on SQLite this process's single writer lock), so replicas
 //!    never interleave on one organization and never deadlock each other;
 //! 2. load each organization's live lots, the holds the batch names or that
-//!    have expired, and the idempotency records of the batch's keys;
+//!    have expired, and the stored answers of the batch's keys (idempotency
+//!    records; a `Consume`'s ledger row is its own record, see
+//!    `batch::ConsumeKey`);
 //! 3. sweep expiries, then apply each operation through [`super::model`], in
 //!    arrival order: a refused operation (insufficient credits, key reused)
 //!    changes nothing and does not affect the others;

@@ -85,13 +85,29 @@ pub(super) struct IdemRow {
     pub response: String,
 }
 
+/// A `Consume`'s ledger row, which is its idempotency record: the key,
+/// the fingerprint, and what the call answered.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(super) struct ConsumeKeyRow {
+    pub org_id: i64,
+    pub key: String,
+    pub request_hash: String,
+    pub transaction_id: String,
+    pub charged_micros: i64,
+    pub available_after_micros: i64,
+}
+
 /// What [`Wanted`] found.
 #[derive(Default)]
 pub(super) struct Loaded {
     /// Live lots (credits left, not pending) of the organizations.
     pub lots: Vec<credit_lot::Model>,
     pub holds: Vec<reservation::Model>,
+    /// Stored records of the batch's keys (any method; `Consume` keys only
+    /// from before their ledger rows became their records).
     pub idempotency: Vec<IdemRow>,
+    /// The ledger rows that record the batch's `Consume` keys.
+    pub consume_keys: Vec<ConsumeKeyRow>,
     /// The (source type, source id) pairs that already granted a lot.
     pub sources: BTreeSet<(String, String)>,
 }

@@ -13,7 +13,7 @@ use sea_orm::{
     sea_query::{CaseStatement, Expr, ExprTrait, IntoColumnRef, OnConflict},
 };
 
-use super::{IdemRow, Loaded, NewLot, OrgRow, Rows, SettledLot, SourceRef, Wanted};
+use super::{ConsumeKeyRow, IdemRow, Loaded, NewLot, OrgRow, Rows, SettledLot, SourceRef, Wanted};
 use crate::{
     entities::{
         admin_audit, credit_lot, idempotency_record, ledger_monthly, ledger_transaction,
@@ -131,6 +131,7 @@ async fn load(
             })
             .collect();
     }
+    let consume_keys = consume_keys(txn, wanted).await?;
     let mut sources = BTreeSet::new();
     if !wanted.sources.is_empty() {
         let mut any = Condition::any();
@@ -155,8 +156,53 @@ async fn load(
         lots,
         holds,
         idempotency,
+        consume_keys,
         sources,
     })
+}
+
+/// The ledger rows that record the batch's `Consume` keys (an index probe
+/// per key: the unique index covers exactly the rows that carry a
+/// fingerprint).
+async fn consume_keys(
+    txn: &DatabaseTransaction,
+    wanted: &Wanted,
+) -> Result<Vec<ConsumeKeyRow>, DbErr> {
+    let (orgs, keys): (BTreeSet<i64>, Vec<String>) = wanted
+        .keys
+        .iter()
+        .filter(|k| k.method == "consume")
+        .map(|k| (k.org_id, k.key.clone()))
+        .unzip();
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = ledger_transaction::Entity::find()
+        .filter(ledger_transaction::Column::OrgId.is_in(padded(orgs.into_iter().collect())))
+        .filter(ledger_transaction::Column::ReferenceId.is_in(padded(keys)))
+        .filter(ledger_transaction::Column::IdempotencyHash.is_not_null())
+        .all(txn)
+        .await?;
+    rows.into_iter()
+        .map(
+            |r| match (r.reference_id, r.idempotency_hash, r.available_after_micros) {
+                (Some(key), Some(request_hash), Some(available_after_micros)) => {
+                    Ok(ConsumeKeyRow {
+                        org_id: r.org_id,
+                        key,
+                        request_hash,
+                        transaction_id: r.id,
+                        charged_micros: -r.amount_micros,
+                        available_after_micros,
+                    })
+                }
+                _ => Err(DbErr::Custom(format!(
+                    "ledger row {} records a key without its answer",
+                    r.id
+                ))),
+            },
+        )
+        .collect()
 }
 
 pub(super) async fn insert_lots(

@@ -23,7 +23,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
 use serde::Serialize;
 
-use super::{IdemRow, Loaded, OrgRow, Rows, Wanted};
+use super::{ConsumeKeyRow, IdemRow, Loaded, OrgRow, Rows, Wanted};
 use crate::entities::{credit_lot, reservation};
 
 const LOCK_AND_LOAD: &str = r#"
@@ -46,6 +46,16 @@ SELECT o.id, o.balance_micros, o.held_micros, o.ledger_seq,
                WHERE i.org_id = k.org_id AND i.method = k.method AND i.key = k.key
                LIMIT 1) r
     WHERE k.org_id = o.id) AS idempotency,
+  (SELECT coalesce(json_agg(json_build_object(
+            'org_id', t.org_id, 'key', t.reference_id, 'request_hash', t.idempotency_hash,
+            'transaction_id', t.id, 'charged_micros', -t.amount_micros,
+            'available_after_micros', t.available_after_micros)), '[]')::text
+     FROM json_to_recordset($4::json) AS k(org_id bigint, method text, key text),
+     LATERAL (SELECT t.* FROM ledger_transactions t
+               WHERE t.org_id = k.org_id AND t.reference_id COLLATE "C" = k.key
+                 AND t.idempotency_hash IS NOT NULL
+               LIMIT 1) t
+    WHERE k.org_id = o.id AND k.method = 'consume') AS consume_keys,
   (SELECT coalesce(json_agg(json_build_array(c.source_type, c.source_id)), '[]')::text
      FROM json_to_recordset($5::json) AS s(source_type text, source_id text),
      LATERAL (SELECT l.source_type, l.source_id FROM credit_lots l
@@ -66,15 +76,16 @@ lot_updates AS (
 entries AS (
   INSERT INTO ledger_transactions (id, org_id, seq, "type", amount_micros, balance_after_micros,
                                    description, reference_type, reference_id, meter, quantity,
-                                   model, created_at)
+                                   model, created_at, idempotency_hash, available_after_micros)
   SELECT x.id, x.org_id, x.seq, x."type", x.amount_micros, x.balance_after_micros,
          x.description, x.reference_type, x.reference_id, x.meter, x.quantity, x.model,
-         x.created_at
+         x.created_at, x.idempotency_hash, x.available_after_micros
     FROM json_to_recordset($2::json) AS x(id text, org_id bigint, seq bigint, "type" text,
                                      amount_micros bigint, balance_after_micros bigint,
                                      description text, reference_type text, reference_id text,
                                      meter text, quantity bigint, model text,
-                                     created_at timestamptz)),
+                                     created_at timestamptz, idempotency_hash text,
+                                     available_after_micros bigint)),
 allocations AS (
   INSERT INTO lot_allocations (transaction_id, lot_id, amount_micros)
   SELECT x.transaction_id, x.lot_id, x.amount_micros
@@ -118,12 +129,21 @@ idempotency AS (
 -- that nothing references run after it, so the write locks its
 -- organizations before their lots, as the locking path does. A row that
 -- no longer holds the expected values (an unlocked batch's; see
--- `store::Expected`) aborts the whole statement.
+-- `store::Expected`) aborts the whole statement. So does an unlocked
+-- batch's `Consume` key that an idempotency record holds ($10: a record
+-- from before ledger rows recorded `Consume` keys, or from a replica of
+-- that release during a rolling upgrade); the locked path then replays it.
 UPDATE organizations AS o
    SET balance_micros = CASE WHEN x.expected_seq IS NULL
                                OR (o.ledger_seq = x.expected_seq
                                    AND o.balance_micros = x.expected_balance
-                                   AND o.held_micros = x.expected_held)
+                                   AND o.held_micros = x.expected_held
+                                   AND NOT EXISTS (
+                                     SELECT 1 FROM json_to_recordset($10::json) AS k(org_id bigint, key text)
+                                       JOIN idempotency_records i
+                                         ON i.org_id = k.org_id AND i.method = 'consume'
+                                        AND i.key = k.key
+                                      WHERE k.org_id = o.id))
                              THEN x.balance_micros
                              ELSE billing_write_conflict(o.id) END,
        held_micros = x.held_micros, ledger_seq = x.ledger_seq, updated_at = $9
@@ -165,6 +185,15 @@ struct EntryJson<'a> {
     quantity: Option<i64>,
     model: Option<&'a str>,
     created_at: String,
+    idempotency_hash: Option<&'a str>,
+    available_after_micros: Option<i64>,
+}
+
+/// A `Consume` key an unlocked batch records on its ledger row.
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    org_id: i64,
+    key: &'a str,
 }
 
 #[derive(Serialize)]
@@ -245,6 +274,10 @@ async fn try_lock_and_load(
             .holds
             .extend(decode::<Vec<reservation::Model>>("holds", &text("holds")?)?);
         loaded.idempotency.extend(idem_rows(&text("idempotency")?)?);
+        loaded.consume_keys.extend(decode::<Vec<ConsumeKeyRow>>(
+            "Consume keys",
+            &text("consume_keys")?,
+        )?);
         if n == 0 {
             loaded.sources = decode("lot sources", &text("sources")?)?;
         }
@@ -288,6 +321,22 @@ pub(super) async fn write(
             quantity: e.quantity,
             model: e.model.as_deref(),
             created_at: ts(&e.created_at),
+            idempotency_hash: e.idempotency_hash.as_deref(),
+            available_after_micros: e.available_after_micros,
+        })
+        .collect();
+    // A locked batch looked its keys up under the lock; an unlocked one
+    // has them checked against the records table by the statement itself.
+    let unlocked = rows.orgs.iter().any(|o| o.expected.is_some());
+    let unlocked_keys: Vec<KeyJson> = rows
+        .entries
+        .iter()
+        .filter(|e| unlocked && e.idempotency_hash.is_some())
+        .filter_map(|e| {
+            Some(KeyJson {
+                org_id: e.org_id,
+                key: e.reference_id.as_deref()?,
+            })
         })
         .collect();
     let new_holds: Vec<HoldJson> = rows
@@ -318,6 +367,7 @@ pub(super) async fn write(
         json_param(&rows.idempotency)?,
         json_param(&rows.orgs)?,
         now.into(),
+        json_param(&unlocked_keys)?,
     ];
     txn.execute_raw(statement(WRITE, values)).await?;
     Ok(())
