@@ -20,6 +20,25 @@ mod m20261207_000002_consume_keys;
 
 pub struct Migrator;
 
+/// Runs the statements written for the connection's backend: `postgres` or
+/// `sqlite`, each possibly several statements. Any other backend is
+/// refused, not guessed.
+async fn by_backend(m: &SchemaManager<'_>, postgres: &str, sqlite: &str) -> Result<(), DbErr> {
+    use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
+    let sql = match m.get_database_backend() {
+        DbBackend::Postgres => postgres,
+        DbBackend::Sqlite => sqlite,
+        // The enum is non-exhaustive: anything else is refused.
+        _ => {
+            return Err(DbErr::Migration(
+                "the billing service runs on SQLite or PostgreSQL only".into(),
+            ));
+        }
+    };
+    m.get_connection().execute_unprepared(sql).await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {

@@ -19,10 +19,7 @@
 //! already broke the key's uniqueness fails the migration rather than
 //! losing one.
 
-use sea_orm_migration::{
-    prelude::*,
-    sea_orm::{ConnectionTrait, DbBackend},
-};
+use sea_orm_migration::prelude::*;
 
 pub struct Migration;
 
@@ -139,28 +136,13 @@ CREATE INDEX "ix_idempotency_created" ON "idempotency_records" ("created_at");
     )
 }
 
-async fn run(m: &SchemaManager<'_>, postgres: &str, sqlite: String) -> Result<(), DbErr> {
-    let sql = match m.get_database_backend() {
-        DbBackend::Postgres => postgres.to_owned(),
-        DbBackend::Sqlite => sqlite,
-        // The enum is non-exhaustive: anything else is refused, not guessed.
-        _ => {
-            return Err(DbErr::Migration(
-                "the billing service runs on SQLite or PostgreSQL only".into(),
-            ));
-        }
-    };
-    m.get_connection().execute_unprepared(&sql).await?;
-    Ok(())
-}
-
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        run(m, POSTGRES_UP, sqlite_up()).await
+        crate::by_backend(m, POSTGRES_UP, &sqlite_up()).await
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        run(m, POSTGRES_DOWN, sqlite_down()).await
+        crate::by_backend(m, POSTGRES_DOWN, &sqlite_down()).await
     }
 }

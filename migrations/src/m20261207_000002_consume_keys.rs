@@ -25,10 +25,7 @@
 //! already holds; its write fails instead. The down migration writes every
 //! such key back as a record, so none is forgotten.
 
-use sea_orm_migration::{
-    prelude::*,
-    sea_orm::{ConnectionTrait, DbBackend},
-};
+use sea_orm_migration::prelude::*;
 
 pub struct Migration;
 
@@ -98,28 +95,13 @@ ALTER TABLE ledger_transactions DROP COLUMN available_after_micros;
 ALTER TABLE ledger_transactions DROP COLUMN idempotency_hash;
 "#;
 
-async fn run(m: &SchemaManager<'_>, postgres: &str, sqlite: &str) -> Result<(), DbErr> {
-    let sql = match m.get_database_backend() {
-        DbBackend::Postgres => postgres,
-        DbBackend::Sqlite => sqlite,
-        // The enum is non-exhaustive: anything else is refused, not guessed.
-        _ => {
-            return Err(DbErr::Migration(
-                "the billing service runs on SQLite or PostgreSQL only".into(),
-            ));
-        }
-    };
-    m.get_connection().execute_unprepared(sql).await?;
-    Ok(())
-}
-
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        run(m, POSTGRES_UP, SQLITE_UP).await
+        crate::by_backend(m, POSTGRES_UP, SQLITE_UP).await
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        run(m, POSTGRES_DOWN, SQLITE_DOWN).await
+        crate::by_backend(m, POSTGRES_DOWN, SQLITE_DOWN).await
     }
 }
