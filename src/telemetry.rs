@@ -79,7 +79,12 @@ fn install(config: &Config, provider: Option<SdkTracerProvider>) -> Telemetry {
         LogFormat::Json => registry
             .with(fmt::layer().json().with_current_span(true))
             .try_init(),
-        LogFormat::Text => registry.with(fmt::layer()).try_init(),
+        // Colours only for a person at a terminal: escape codes in a log
+        // file or a collector are noise (and cost a formatting pass for
+        // every span).
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())))
+            .try_init(),
     };
     if installed.is_ok() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
