@@ -239,7 +239,7 @@ async fn load(
     let mut idem_seen: IdemSeen = HashMap::new();
     for r in loaded.idempotency {
         let method = match r.method.as_str() {
-            "consume" => "consume",
+            store::CONSUME_METHOD => store::CONSUME_METHOD,
             "reserve" => "reserve",
             "manual_adjust" => "manual_adjust",
             "grant" => "grant",
@@ -258,7 +258,10 @@ async fn load(
             duplicate: false,
         });
         let response = stored_response(&answer).map_err(BatchError::Rule)?;
-        idem_seen.insert((r.org_id, "consume", r.key), (r.request_hash, response));
+        idem_seen.insert(
+            (r.org_id, store::CONSUME_METHOD, r.key),
+            (r.request_hash, response),
+        );
     }
     let granted_sources = loaded.sources;
 

@@ -21,7 +21,7 @@ use super::{
 use crate::{
     entities::reservation,
     error::{Error, Result},
-    ledger::{HoldAmount, Rates},
+    ledger::{HoldAmount, Rates, store},
 };
 
 /// What a caller is told when its write's COMMIT failed midway.
@@ -253,7 +253,7 @@ impl Worker {
                 ]);
                 let idem = IdemKey {
                     org_id,
-                    method: "consume",
+                    method: store::CONSUME_METHOD,
                     key: i.key.clone(),
                     hash,
                 };

@@ -68,6 +68,12 @@ pub(super) struct KeyRef {
     pub key: String,
 }
 
+/// The method under which a `Consume`'s idempotency key is kept: the
+/// engine names its keys so, and the stores look keys of this method up on
+/// the ledger rows (the PostgreSQL statements and the
+/// `m20261207_000002_consume_keys` migration spell it `'consume'` too).
+pub(super) const CONSUME_METHOD: &str = "consume";
+
 /// The source of one of the batch's grants.
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct SourceRef {

@@ -171,7 +171,7 @@ async fn consume_keys(
     let (orgs, keys): (BTreeSet<i64>, Vec<String>) = wanted
         .keys
         .iter()
-        .filter(|k| k.method == "consume")
+        .filter(|k| k.method == super::CONSUME_METHOD)
         .map(|k| (k.org_id, k.key.clone()))
         .unzip();
     if keys.is_empty() {
