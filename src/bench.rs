@@ -21,7 +21,10 @@
 
 use std::{
     process::Command,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -94,6 +97,10 @@ pub struct BenchArgs {
     /// pgbench's scale factor (default and minimum: the caller count).
     #[arg(long)]
     pub pgbench_scale: Option<usize>,
+    /// Also print each run second by second: calls (or pgbench's
+    /// transactions) and how busy the machine's CPUs were.
+    #[arg(long)]
+    pub timeline: bool,
 }
 
 struct Figures {
@@ -101,6 +108,8 @@ struct Figures {
     errors: usize,
     seconds: f64,
     latencies_us: Vec<u32>,
+    /// The measured seconds, one by one.
+    timeline: Vec<Second>,
 }
 
 impl Figures {
@@ -253,11 +262,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let pgbench = match (&pgbench_db, workload) {
                 (Some(scratch), Workload::Consume) => {
                     checkpoint(&database_url).await?;
-                    let tps = pgbench_run(scratch, args.clients, args.seconds)?;
+                    let (tps, timeline) = pgbench_run(scratch, args.clients, args.seconds).await?;
                     println!(
                         "{:<15} {:>5} {:>9} {:>11.0}   (pgbench TPC-B -i -s {scale}; -c {} -j 2 -T {})",
                         "pgbench", "", "", tps, args.clients, args.seconds
                     );
+                    if args.timeline {
+                        print_timeline(&timeline);
+                    }
                     Some(tps)
                 }
                 _ => None,
@@ -277,6 +289,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 figures.percentile(0.999),
                 figures.errors
             );
+            if args.timeline {
+                print_timeline(&figures.timeline);
+            }
             runs.push(Run {
                 workload,
                 connections: conns,
@@ -370,11 +385,14 @@ async fn drive(
     let measure_from = started + warmup;
     let end = measure_from + Duration::from_secs(args.seconds);
     let run_tag = uuid::Uuid::new_v4().simple().to_string();
+    let done = Arc::new(AtomicU64::new(0));
+    let sampler = tokio::spawn(sample(done.clone(), measure_from, args.seconds));
     let mut tasks = Vec::new();
     for client in 0..args.clients {
         let channel = channels[client % connections].clone();
         let (service, users, orgs) = (service.clone(), users.clone(), orgs.clone());
         let tag = format!("{}-{client}", &run_tag[..8]);
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let mut usage = pb::usage_service_client::UsageServiceClient::new(channel.clone());
             let mut credits =
@@ -429,6 +447,7 @@ async fn drive(
                 if t0 >= measure_from {
                     if ok {
                         latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        done.fetch_add(1, Ordering::Relaxed);
                     } else {
                         errors += 1;
                     }
@@ -451,7 +470,121 @@ async fn drive(
         errors,
         seconds: args.seconds as f64,
         latencies_us,
+        timeline: sampler.await?,
     })
+}
+
+/// The machine's CPU time so far, in clock ticks, from `/proc/stat`
+/// (Linux; `None` elsewhere).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct CpuTicks {
+    /// User, nice, system, irq and softirq time.
+    busy: u64,
+    /// Time a virtual machine's CPUs were ready but the host ran something
+    /// else.
+    steal: u64,
+    /// Everything, idle and I/O wait included.
+    total: u64,
+}
+
+impl CpuTicks {
+    fn now() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The first (all-CPU) line of `/proc/stat`: user nice system idle
+    /// iowait irq softirq steal (guest time is already inside user).
+    fn parse(stat: &str) -> Option<Self> {
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+        let steal = field(7);
+        Some(Self {
+            busy,
+            steal,
+            total: busy + field(3) + field(4) + steal,
+        })
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            busy: self.busy.saturating_sub(before.busy),
+            steal: self.steal.saturating_sub(before.steal),
+            total: self.total.saturating_sub(before.total),
+        }
+    }
+
+    /// `part` as a percentage of the whole.
+    fn percent(self, part: u64) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        100.0 * part as f64 / self.total as f64
+    }
+}
+
+/// One second of a run: calls answered (or pgbench's transactions) and the
+/// machine's CPU time in it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Second {
+    calls: f64,
+    cpu: Option<CpuTicks>,
+}
+
+/// `seconds` one-second samples from `from` on: the growth of `done` and
+/// of the machine's CPU time.
+async fn sample(done: Arc<AtomicU64>, from: Instant, seconds: u64) -> Vec<Second> {
+    let mut tick = tokio::time::interval_at(from.into(), Duration::from_secs(1));
+    tick.tick().await;
+    let (mut calls, mut cpu) = (done.load(Ordering::Relaxed), CpuTicks::now());
+    let mut timeline = Vec::with_capacity(seconds as usize);
+    for _ in 0..seconds {
+        tick.tick().await;
+        let (calls_now, cpu_now) = (done.load(Ordering::Relaxed), CpuTicks::now());
+        timeline.push(Second {
+            calls: calls_now.saturating_sub(calls) as f64,
+            cpu: cpu_now.zip(cpu).map(|(now, before)| now.since(before)),
+        });
+        (calls, cpu) = (calls_now, cpu_now);
+    }
+    timeline
+}
+
+/// The run second by second (`--timeline`), and how busy the machine was
+/// over the whole of it.
+fn print_timeline(timeline: &[Second]) {
+    let calls: Vec<String> = timeline.iter().map(|s| format!("{:.0}", s.calls)).collect();
+    println!("  per second: {}", calls.join(" "));
+    let cpu: Vec<CpuTicks> = timeline.iter().filter_map(|s| s.cpu).collect();
+    if cpu.is_empty() {
+        return;
+    }
+    let busy: Vec<String> = cpu
+        .iter()
+        .map(|c| format!("{:.0}", c.percent(c.busy)))
+        .collect();
+    let steal: Vec<String> = cpu
+        .iter()
+        .map(|c| format!("{:.0}", c.percent(c.steal)))
+        .collect();
+    let all = cpu.iter().fold(CpuTicks::default(), |a, c| CpuTicks {
+        busy: a.busy + c.busy,
+        steal: a.steal + c.steal,
+        total: a.total + c.total,
+    });
+    println!("  CPU busy %: {}", busy.join(" "));
+    println!("  CPU steal %: {}", steal.join(" "));
+    println!(
+        "  machine over the run: {:.0} % busy, {:.1} % stolen by the host",
+        all.percent(all.busy),
+        all.percent(all.steal)
+    );
 }
 
 /// The scratch database `billing_pgbench` of the server behind
@@ -486,30 +619,48 @@ async fn pgbench_init(database_url: &str, scale: usize) -> anyhow::Result<String
     Ok(scratch)
 }
 
-/// One pgbench TPC-B run on `scratch`; returns its tps.
-fn pgbench_run(scratch: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
-    let out = Command::new("pgbench")
-        .args([
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-T",
-            &seconds.to_string(),
-            scratch,
-        ])
-        .output()?;
+/// One pgbench TPC-B run on `scratch`; returns its tps, and its seconds
+/// one by one (pgbench's own progress reports, `-P 1`).
+async fn pgbench_run(
+    scratch: &str,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, Vec<Second>)> {
+    let args = [
+        "-c".to_owned(),
+        clients.to_string(),
+        "-j".into(),
+        "2".into(),
+        "-T".into(),
+        seconds.to_string(),
+        "-P".into(),
+        "1".into(),
+        scratch.to_owned(),
+    ];
+    let cpu = tokio::spawn(sample(Arc::default(), Instant::now(), seconds));
+    let out =
+        tokio::task::spawn_blocking(move || Command::new("pgbench").args(args).output()).await??;
+    let mut timeline = cpu.await?;
+    let progress = String::from_utf8_lossy(&out.stderr);
+    let per_second = progress.lines().filter_map(|l| {
+        l.strip_prefix("progress: ")?
+            .split(", ")
+            .nth(1)?
+            .strip_suffix(" tps")?
+            .parse::<f64>()
+            .ok()
+    });
+    for (second, tps) in timeline.iter_mut().zip(per_second) {
+        second.calls = tps;
+    }
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
+    let tps = text
+        .lines()
         .find(|l| l.starts_with("tps = "))
         .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
-        .with_context(|| {
-            format!(
-                "no tps in pgbench output: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        .with_context(|| format!("no tps in pgbench output: {text}{progress}"))?;
+    Ok((tps, timeline))
 }
 
 /// A PostgreSQL `CHECKPOINT` before each measured run: what the previous
@@ -535,4 +686,29 @@ async fn on_server(database_url: &str, statements: &[&str]) -> anyhow::Result<()
     }
     admin.close().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_from_the_first_line_of_proc_stat() {
+        let before = CpuTicks::parse("cpu  100 5 50 800 20 3 2 20 0 0\ncpu0 1 2 3\n")
+            .expect("a /proc/stat line");
+        assert_eq!(
+            before,
+            CpuTicks {
+                busy: 160,
+                steal: 20,
+                total: 1000
+            }
+        );
+        let after = CpuTicks::parse("cpu  180 5 70 900 20 3 2 40 0 0").expect("parsed");
+        let run = after.since(before);
+        assert_eq!(run.total, 220);
+        assert!((run.percent(run.busy) - 100.0 * 100.0 / 220.0).abs() < 1e-9);
+        assert!((run.percent(run.steal) - 100.0 * 20.0 / 220.0).abs() < 1e-9);
+        assert_eq!(CpuTicks::parse("intr 1 2 3"), None);
+    }
 }
