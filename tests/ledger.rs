@@ -1215,10 +1215,11 @@ async fn idempotency_pruning_goes_chunk_by_chunk() -> R {
 }
 
 /// The migrations that key allocations and idempotency records by what
-/// they name, and that make a `Consume`'s ledger row its idempotency
-/// record, keep every row, undone and done again. Undone, the ledger rows'
-/// keys become records; done again, those records (as any record from
-/// before) are still honoured, so a key recorded before them still replays.
+/// they name, that make a `Consume`'s ledger row its idempotency record
+/// and that trade the ledger's foreign keys for append-only guards, keep
+/// every row, undone and done again. Undone, the ledger rows' keys become
+/// records; done again, those records (as any record from before) are
+/// still honoured, so a key recorded before them still replays.
 #[tokio::test]
 async fn key_migrations_keep_rows_and_keys_both_ways() -> R {
     use migration::MigratorTrait as _;
@@ -1247,7 +1248,7 @@ async fn key_migrations_keep_rows_and_keys_both_ways() -> R {
             (3, 0),
             "{backend:?}: three lot moves, keys on ledger rows"
         );
-        migration::Migrator::down(&conn, Some(2)).await?;
+        migration::Migrator::down(&conn, Some(3)).await?;
         let records = (3, 2);
         assert_eq!(counts(&conn).await?, records, "{backend:?}: down");
         migration::Migrator::up(&conn, None).await?;
@@ -1311,6 +1312,52 @@ async fn key_migrations_keep_rows_and_keys_both_ways() -> R {
             db.execute_unprepared(&record("k9")).await?;
         }
         invariants::check(&t.server.state.db, Utc::now()).await;
+        t.stop().await;
+    }
+    Ok(())
+}
+
+/// On PostgreSQL the ledger is append-only and nothing it refers to goes
+/// away: the database refuses to change or delete ledger rows and lot
+/// allocations, to delete organizations or credit lots, or to change their
+/// ids (the guards that replace the foreign keys of the two hottest
+/// tables). SQLite keeps its foreign keys.
+#[tokio::test]
+async fn the_ledger_is_append_only_and_what_it_names_stays() -> R {
+    use sea_orm::ConnectionTrait;
+    for backend in backends() {
+        if !matches!(backend, Backend::Postgres) {
+            continue;
+        }
+        let t = TestServer::start(backend).await;
+        let mut c = Clients::new(&t).await;
+        c.grant("acme", 10 * CREDIT, None, Utc::now()).await;
+        c.consume("acme", "ai_tokens", 500_000, "k1").await?;
+        let db = &t.server.state.db;
+        for sql in [
+            "UPDATE ledger_transactions SET amount_micros = 0",
+            "DELETE FROM ledger_transactions",
+            "TRUNCATE ledger_transactions CASCADE",
+            "UPDATE lot_allocations SET amount_micros = 0",
+            "DELETE FROM lot_allocations",
+            "TRUNCATE lot_allocations",
+            "DELETE FROM organizations WHERE external_id = 'acme'",
+            "TRUNCATE organizations CASCADE",
+            "UPDATE organizations SET id = id + 1000",
+            "DELETE FROM credit_lots",
+            "TRUNCATE credit_lots CASCADE",
+            "UPDATE credit_lots SET id = id + 1000",
+        ] {
+            let refused = db.execute_unprepared(sql).await.expect_err(sql);
+            assert!(
+                refused.to_string().contains("is refused"),
+                "{sql}: {refused}"
+            );
+        }
+        // What the service itself updates still goes through.
+        c.consume("acme", "ai_tokens", 500_000, "k2").await?;
+        assert_eq!(c.balance(&t, "acme").await.balance_micros, 8 * CREDIT);
+        invariants::check(db, Utc::now()).await;
         t.stop().await;
     }
     Ok(())

@@ -3,8 +3,9 @@
 //! One migration set that runs unchanged on SQLite (the embedded default) and
 //! PostgreSQL: only portable column types, constraints written with sea-query
 //! so each backend gets its own dialect (the PostgreSQL-only parts,
-//! the `write_conflict` helper function and the `C` collation of the ledger's
-//! text keys, are no-ops on SQLite). Migrations are append-only: a change
+//! the `write_conflict` helper function, the `C` collation of the ledger's
+//! text keys and the triggers that keep the ledger append-only, are no-ops
+//! on SQLite). Migrations are append-only: a change
 //! to the schema is a new `m<date>_<what>.rs`, never an edit of a shipped one.
 
 pub use sea_orm_migration::prelude::*;
@@ -17,12 +18,13 @@ mod m20261204_000001_redemption_per_order;
 mod m20261206_000001_key_collation;
 mod m20261207_000001_natural_keys;
 mod m20261207_000002_consume_keys;
+mod m20261207_000003_ledger_guards;
 
 pub struct Migrator;
 
 /// Runs the statements written for the connection's backend: `postgres` or
-/// `sqlite`, each possibly several statements. Any other backend is
-/// refused, not guessed.
+/// `sqlite`, each possibly several statements (or none: an empty text).
+/// Any other backend is refused, not guessed.
 async fn by_backend(m: &SchemaManager<'_>, postgres: &str, sqlite: &str) -> Result<(), DbErr> {
     use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
     let sql = match m.get_database_backend() {
@@ -35,7 +37,9 @@ async fn by_backend(m: &SchemaManager<'_>, postgres: &str, sqlite: &str) -> Resu
             ));
         }
     };
-    m.get_connection().execute_unprepared(sql).await?;
+    if !sql.trim().is_empty() {
+        m.get_connection().execute_unprepared(sql).await?;
+    }
     Ok(())
 }
 
@@ -51,6 +55,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000001_key_collation::Migration),
             Box::new(m20261207_000001_natural_keys::Migration),
             Box::new(m20261207_000002_consume_keys::Migration),
+            Box::new(m20261207_000003_ledger_guards::Migration),
         ]
     }
 }

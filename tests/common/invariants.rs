@@ -2,7 +2,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use billing::entities::{
     credit_lot, ledger_monthly, ledger_transaction, lot_allocation, organization, reservation,
@@ -24,6 +24,34 @@ pub async fn check(db: &DatabaseConnection, now: DateTime<Utc>) {
     let allocations = lot_allocation::Entity::find().all(db).await.unwrap();
     let holds = reservation::Entity::find().all(db).await.unwrap();
     check_monthly(db, &txs).await;
+
+    // No orphans: on PostgreSQL the ledger's write statement checks these
+    // parents instead of foreign keys.
+    let org_ids: HashSet<i64> = orgs.iter().map(|o| o.id).collect();
+    let tx_ids: HashSet<&str> = txs.iter().map(|t| t.id.as_str()).collect();
+    let lot_ids: HashSet<i64> = lots.iter().map(|l| l.id).collect();
+    for t in &txs {
+        assert!(
+            org_ids.contains(&t.org_id),
+            "ledger row {} of a missing organization {}",
+            t.id,
+            t.org_id
+        );
+    }
+    for a in &allocations {
+        assert!(
+            tx_ids.contains(a.transaction_id.as_str()),
+            "allocation to lot {} of a missing ledger row {}",
+            a.lot_id,
+            a.transaction_id
+        );
+        assert!(
+            lot_ids.contains(&a.lot_id),
+            "allocation of ledger row {} to a missing lot {}",
+            a.transaction_id,
+            a.lot_id
+        );
+    }
 
     let mut alloc_by_tx: HashMap<&str, i64> = HashMap::new();
     let mut alloc_by_lot: HashMap<i64, i64> = HashMap::new();

@@ -1,6 +1,12 @@
 //! The batch's rows on PostgreSQL: two statements of fixed text, rows in
 //! and out as JSON.
 //!
+//! The write statement checks the parents of the ledger rows it inserts
+//! (each row's organization, each allocation's ledger row and lot) and
+//! aborts whole if one is missing: the database has no per-row foreign
+//! keys on those two tables, and refuses instead to delete or re-key
+//! anything they refer to (migration `ledger_guards`).
+//!
 //! Each statement is prepared once per connection and planned once
 //! (`json_to_recordset` and `ANY(ARRAY(…))` give the planner the same
 //! shape whatever the batch holds), and a batch costs the same four round
@@ -77,7 +83,10 @@ entries AS (
   INSERT INTO ledger_transactions (id, org_id, seq, "type", amount_micros, balance_after_micros,
                                    description, reference_type, reference_id, meter, quantity,
                                    model, created_at, idempotency_hash, available_after_micros)
-  SELECT x.id, x.org_id, x.seq, x."type", x.amount_micros, x.balance_after_micros,
+  SELECT x.id,
+         CASE WHEN EXISTS (SELECT 1 FROM organizations o WHERE o.id = x.org_id) THEN x.org_id
+              ELSE billing_missing_parent('organization', x.org_id) END,
+         x.seq, x."type", x.amount_micros, x.balance_after_micros,
          x.description, x.reference_type, x.reference_id, x.meter, x.quantity, x.model,
          x.created_at, x.idempotency_hash, x.available_after_micros
     FROM json_to_recordset($2::json) AS x(id text, org_id bigint, seq bigint, "type" text,
@@ -85,10 +94,15 @@ entries AS (
                                      description text, reference_type text, reference_id text,
                                      meter text, quantity bigint, model text,
                                      created_at timestamptz, idempotency_hash text,
-                                     available_after_micros bigint)),
+                                     available_after_micros bigint)
+  RETURNING id),
 allocations AS (
   INSERT INTO lot_allocations (transaction_id, lot_id, amount_micros)
-  SELECT x.transaction_id, x.lot_id, x.amount_micros
+  SELECT CASE WHEN x.transaction_id IN (SELECT id FROM entries) THEN x.transaction_id
+              ELSE billing_missing_parent('ledger transaction', x.transaction_id) END,
+         CASE WHEN EXISTS (SELECT 1 FROM credit_lots c WHERE c.id = x.lot_id) THEN x.lot_id
+              ELSE billing_missing_parent('credit lot', x.lot_id) END,
+         x.amount_micros
     FROM json_to_recordset($3::json) AS x(transaction_id text, lot_id bigint, amount_micros bigint)),
 monthly AS (
   INSERT INTO ledger_monthly AS m (org_id, month, "type", credit_micros, debit_micros)
@@ -371,4 +385,134 @@ pub(super) async fn write(
     ];
     txn.execute_raw(statement(WRITE, values)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{Database, TransactionTrait};
+
+    use super::*;
+    use crate::entities::ledger_transaction;
+
+    fn entry(id: &str, org_id: i64) -> ledger_transaction::Model {
+        ledger_transaction::Model {
+            id: id.into(),
+            org_id,
+            seq: 1,
+            kind: "manual".into(),
+            amount_micros: 5,
+            balance_after_micros: 5,
+            description: "test".into(),
+            reference_type: None,
+            reference_id: None,
+            meter: None,
+            quantity: None,
+            model: None,
+            created_at: Utc::now(),
+            idempotency_hash: None,
+            available_after_micros: None,
+        }
+    }
+
+    /// The write statement refuses, whole, a ledger row of a missing
+    /// organization and an allocation of a missing ledger row or lot: the
+    /// checks that stand in for the two tables' foreign keys. Needs
+    /// PostgreSQL (`TEST_DATABASE_URL`); without it there is nothing to run
+    /// the statement on.
+    #[tokio::test]
+    async fn the_write_refuses_rows_whose_parents_are_missing() -> Result<(), DbErr> {
+        let Some(admin_url) = std::env::var("TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            return Ok(());
+        };
+        let name = format!("billing_u_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(&admin_url).await?;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await?;
+        let base = admin_url
+            .split_once('?')
+            .map_or(admin_url.as_str(), |(b, _)| b);
+        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+        let db = crate::db::connect(&format!("{base}/{name}")).await?;
+        crate::db::migrate(&db).await?;
+        let org: i64 = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "INSERT INTO organizations (external_id, created_at, updated_at) \
+                 VALUES ('acme', now(), now()) RETURNING id",
+            ))
+            .await?
+            .ok_or_else(|| DbErr::Custom("no organization row".into()))?
+            .try_get("", "id")?;
+
+        let now = Utc::now();
+        let cases: [(&str, Rows); 3] = [
+            (
+                "organization",
+                Rows {
+                    entries: vec![entry("t-no-org", org + 1000)],
+                    ..Rows::default()
+                },
+            ),
+            (
+                "ledger transaction",
+                Rows {
+                    allocations: vec![super::super::Allocation {
+                        transaction_id: "t-missing".into(),
+                        lot_id: 1,
+                        amount_micros: 5,
+                    }],
+                    ..Rows::default()
+                },
+            ),
+            (
+                "credit lot",
+                Rows {
+                    entries: vec![entry("t-no-lot", org)],
+                    allocations: vec![super::super::Allocation {
+                        transaction_id: "t-no-lot".into(),
+                        lot_id: 424_242,
+                        amount_micros: 5,
+                    }],
+                    ..Rows::default()
+                },
+            ),
+        ];
+        for (missing, rows) in cases {
+            let txn = db.begin().await?;
+            let refused = write(&txn, rows, now)
+                .await
+                .expect_err("a row whose parent is missing");
+            txn.rollback().await?;
+            assert_eq!(
+                crate::db::sqlstate(&refused).as_deref(),
+                Some("23503"),
+                "{refused}"
+            );
+            assert!(
+                refused
+                    .to_string()
+                    .contains(&format!("refers to {missing}")),
+                "{refused}"
+            );
+        }
+        let written = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT (SELECT count(*) FROM ledger_transactions) + (SELECT count(*) FROM lot_allocations) AS n",
+            ))
+            .await?
+            .map(|row| row.try_get::<i64>("", "n"))
+            .transpose()?;
+        assert_eq!(written, Some(0), "nothing was written");
+        db.close().await?;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+            .await?;
+        admin.close().await?;
+        Ok(())
+    }
 }
