@@ -485,11 +485,20 @@ struct CpuTicks {
     steal: u64,
     /// Everything, idle and I/O wait included.
     total: u64,
+    /// This process's user and system time (`/proc/self/stat`): with the
+    /// service in process, the service and its load generator; the rest of
+    /// `busy` is mostly PostgreSQL.
+    own: u64,
 }
 
 impl CpuTicks {
     fn now() -> Option<Self> {
-        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+        let mut ticks = Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        ticks.own = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| own_ticks(&stat))
+            .unwrap_or(0);
+        Some(ticks)
     }
 
     /// The first (all-CPU) line of `/proc/stat`: user nice system idle
@@ -509,6 +518,7 @@ impl CpuTicks {
             busy,
             steal,
             total: busy + field(3) + field(4) + steal,
+            own: 0,
         })
     }
 
@@ -517,6 +527,7 @@ impl CpuTicks {
             busy: self.busy.saturating_sub(before.busy),
             steal: self.steal.saturating_sub(before.steal),
             total: self.total.saturating_sub(before.total),
+            own: self.own.saturating_sub(before.own),
         }
     }
 
@@ -527,6 +538,16 @@ impl CpuTicks {
         }
         100.0 * part as f64 / self.total as f64
     }
+}
+
+/// A process's user and system time in clock ticks, from its
+/// `/proc/<pid>/stat` line: fields 14 and 15, counted after the command
+/// name (which may hold spaces and parentheses, so from its last `)`).
+fn own_ticks(stat: &str) -> Option<u64> {
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
 }
 
 /// One second of a run: calls answered (or pgbench's transactions) and the
@@ -565,24 +586,25 @@ fn print_timeline(timeline: &[Second]) {
     if cpu.is_empty() {
         return;
     }
-    let busy: Vec<String> = cpu
-        .iter()
-        .map(|c| format!("{:.0}", c.percent(c.busy)))
-        .collect();
-    let steal: Vec<String> = cpu
-        .iter()
-        .map(|c| format!("{:.0}", c.percent(c.steal)))
-        .collect();
+    let row = |part: fn(&CpuTicks) -> u64| -> String {
+        cpu.iter()
+            .map(|c| format!("{:.0}", c.percent(part(c))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("  CPU busy %: {}", row(|c| c.busy));
+    println!("  of it this process %: {}", row(|c| c.own));
+    println!("  CPU steal %: {}", row(|c| c.steal));
     let all = cpu.iter().fold(CpuTicks::default(), |a, c| CpuTicks {
         busy: a.busy + c.busy,
         steal: a.steal + c.steal,
         total: a.total + c.total,
+        own: a.own + c.own,
     });
-    println!("  CPU busy %: {}", busy.join(" "));
-    println!("  CPU steal %: {}", steal.join(" "));
     println!(
-        "  machine over the run: {:.0} % busy, {:.1} % stolen by the host",
+        "  machine over the run: {:.0} % busy ({:.0} % this process), {:.1} % stolen by the host",
         all.percent(all.busy),
+        all.percent(all.own),
         all.percent(all.steal)
     );
 }
@@ -701,8 +723,13 @@ mod tests {
             CpuTicks {
                 busy: 160,
                 steal: 20,
-                total: 1000
+                total: 1000,
+                own: 0,
             }
+        );
+        assert_eq!(
+            own_ticks("4242 (billing (x) y) S 1 2 3 4 5 6 7 8 9 10 170 30 0 0 20"),
+            Some(200)
         );
         let after = CpuTicks::parse("cpu  180 5 70 900 20 3 2 40 0 0").expect("parsed");
         let run = after.since(before);
