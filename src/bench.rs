@@ -613,12 +613,7 @@ fn print_timeline(timeline: &[Second]) {
 /// `database_url`, created and initialised for pgbench at `scale`; returns
 /// its URL.
 async fn pgbench_init(database_url: &str, scale: usize) -> anyhow::Result<String> {
-    let (base, query) = match database_url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (database_url, String::new()),
-    };
-    let server = base.rsplit_once('/').map(|(s, _)| s).unwrap_or(base);
-    let scratch = format!("{server}/billing_pgbench{query}");
+    let scratch = crate::db::sibling_database_url(database_url, "billing_pgbench");
     on_server(
         database_url,
         &[

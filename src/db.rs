@@ -221,9 +221,33 @@ pub async fn prepare(url: &str, max: Option<u32>) -> Result<DatabaseConnection, 
     Ok(db)
 }
 
+/// The URL of database `name` on the PostgreSQL server behind `url`:
+/// same user, host and query parameters, another database (a scratch
+/// database for tests or pgbench).
+pub fn sibling_database_url(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+    format!("{server}/{name}{query}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sibling_database_keeps_the_server_and_its_parameters() {
+        assert_eq!(
+            sibling_database_url("postgres://u:p@h:5432/billing?sslmode=disable", "scratch"),
+            "postgres://u:p@h:5432/scratch?sslmode=disable"
+        );
+        assert_eq!(
+            sibling_database_url("postgres://u@127.0.0.1:5/postgres", "t_1"),
+            "postgres://u@127.0.0.1:5/t_1"
+        );
+    }
 
     #[test]
     fn sqlite_paths_are_read_from_urls() {

@@ -76,13 +76,8 @@ impl TestDb {
                     .await
                     .unwrap();
                 admin.close().await.unwrap();
-                let (base, query) = match admin_url.split_once('?') {
-                    Some((b, q)) => (b, format!("?{q}")),
-                    None => (admin_url.as_str(), String::new()),
-                };
-                let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
                 Self {
-                    url: format!("{base}/{name}{query}"),
+                    url: billing::db::sibling_database_url(&admin_url, &name),
                     name: Some(name),
                     _dir: None,
                 }

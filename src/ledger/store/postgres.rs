@@ -432,11 +432,7 @@ mod tests {
         admin
             .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await?;
-        let base = admin_url
-            .split_once('?')
-            .map_or(admin_url.as_str(), |(b, _)| b);
-        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
-        let db = crate::db::connect(&format!("{base}/{name}")).await?;
+        let db = crate::db::connect(&crate::db::sibling_database_url(&admin_url, &name)).await?;
         crate::db::migrate(&db).await?;
         let org: i64 = db
             .query_one_raw(Statement::from_string(
