@@ -98,7 +98,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub pgbench_scale: Option<usize>,
     /// Also print each run second by second: calls (or pgbench's
-    /// transactions) and how busy the machine's CPUs were.
+    /// transactions), how busy the machine's CPUs were, this process's
+    /// share of that, and the time the host stole.
     #[arg(long)]
     pub timeline: bool,
 }
