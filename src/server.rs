@@ -81,7 +81,7 @@ pub struct RunningServer {
     /// `SHUTDOWN_GRACE_SECONDS` to finish.
     close: CancellationToken,
     grace: Duration,
-    /// Stops the ledger workers and the sweeper once the servers have
+    /// Stops the ledger writer and the sweeper once the servers have
     /// drained, so calls in flight at shutdown still get their answers.
     background: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -256,16 +256,14 @@ pub fn spawn_gateway(
     })
 }
 
-/// The gauges read at each scrape: writer queues, pool use, open holds.
+/// The gauges read at each scrape: the writer's queue, pool use, open holds.
 fn scrape_hook(state: &AppState) -> crate::metrics::ScrapeHook {
     let state = state.clone();
     Arc::new(move || {
         let state = state.clone();
         Box::pin(async move {
             use crate::metrics::{DB_POOL, HOLDS_OPEN, HOLDS_OPEN_MICROS, QUEUE_DEPTH};
-            for (writer, depth) in state.ledger.queue_depths().into_iter().enumerate() {
-                metrics::gauge!(QUEUE_DEPTH, "writer" => writer.to_string()).set(depth as f64);
-            }
+            metrics::gauge!(QUEUE_DEPTH).set(state.ledger.queue_depth() as f64);
             let (in_use, idle) = db::pool_use(&state.db);
             metrics::gauge!(DB_POOL, "pool" => "main", "state" => "in_use").set(f64::from(in_use));
             metrics::gauge!(DB_POOL, "pool" => "main", "state" => "idle").set(f64::from(idle));

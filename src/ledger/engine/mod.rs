@@ -1,11 +1,9 @@
 //! Every ledger write, batched: one database transaction per batch.
 //!
-//! Callers hand an operation to [`Ledger`]; it goes to the queue of one
-//! worker, chosen by a hash of the organization (PostgreSQL has two
-//! workers, so concurrent batches touch disjoint rows; SQLite has one). The
-//! workers run on a thread of their own with their own runtime and
-//! connection pool, so their round trips never wait behind request
-//! handling. A worker takes whatever has queued up (up to [`MAX_BATCH`])
+//! Callers hand an operation to [`Ledger`]; it goes to the queue of the
+//! process's one writer. The writer runs on a thread of its own with its
+//! own runtime and connection pool, so its round trips never wait behind
+//! request handling. It takes whatever has queued up (up to [`MAX_BATCH`])
 //! and runs it as one transaction:
 //!
 //! 1. lock the organizations' rows in id order (`SELECT … FOR UPDATE` on
@@ -133,8 +131,8 @@ pub struct BatchCounts {
 #[derive(Clone)]
 pub struct Ledger {
     inner: Arc<Inner>,
-    /// One queue per worker; an organization's operations go to one queue.
-    senders: Arc<Vec<mpsc::Sender<Job>>>,
+    /// The writer's queue.
+    sender: mpsc::Sender<Job>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -148,9 +146,9 @@ fn new_id() -> String {
 }
 
 impl Ledger {
-    /// Starts the batch workers: reads go through `db`, writes through a
-    /// pool of their own on `database_url`; each writer queue holds at most
-    /// `queue_depth` operations. They stop when `shutdown` is cancelled,
+    /// Starts the writer: reads go through `db`, writes through a pool of
+    /// the writer's own on `database_url`; its queue holds at most
+    /// `queue_depth` operations. It stops when `shutdown` is cancelled,
     /// after finishing the batch in hand.
     pub async fn start(
         db: DatabaseConnection,
@@ -164,16 +162,14 @@ impl Ledger {
         let database_url_for_listener = database_url.clone();
         let rates = Rates::load(&db).await?;
         let sqlite = db.get_database_backend() == DbBackend::Sqlite;
-        // SQLite writes one transaction at a time. On PostgreSQL each worker
-        // owns a share of the organizations (by hash), so concurrent batches
-        // touch disjoint rows and never wait on each other's locks. Two
-        // workers keep one batch in the database while the next is being
-        // gathered; more only shrink batches (measured: 8 workers gave
-        // 2.3k Consume/s, 2 gave 2.8–3.1k/s, see the README).
-        let workers = if sqlite { 1 } else { 2 };
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
-            .map(|_| mpsc::channel(queue_depth.max(1)))
-            .unzip();
+        // One writer per process, on both backends. SQLite writes one
+        // transaction at a time anyway. On PostgreSQL a second writer (each
+        // owning half of the organizations) kept a second batch in the
+        // database, but every batch got half as big, and the statements'
+        // cost is mostly per batch: one writer did 11.4–13.9k `Consume`/s
+        // where two did 9.9–12.1k and four 8.8–10.0k (paired runs, see the
+        // README). More replicas add writers where more are needed.
+        let (sender, receiver) = mpsc::channel(queue_depth.max(1));
         let (written, announcements) = if sqlite {
             (None, None)
         } else {
@@ -195,10 +191,10 @@ impl Ledger {
                     BalanceCache::shared()
                 })),
             }),
-            senders: Arc::new(senders),
+            sender,
         };
-        // The workers run on a thread of their own, with their own runtime
-        // and connections, so their database round trips never wait behind
+        // The writer runs on a thread of its own, with its own runtime and
+        // connections, so its database round trips never wait behind
         // request handling on the server's runtime.
         let (ready, started) = oneshot::channel();
         let (worker_ledger, worker_stop) = (ledger.clone(), shutdown.clone());
@@ -216,28 +212,23 @@ impl Ledger {
                     }
                 };
                 runtime.block_on(async move {
-                    let db =
-                        match crate::db::connect_writer(&database_url, workers as u32 + 1).await {
-                            Ok(db) => db,
-                            Err(e) => {
-                                let _ = ready.send(Err(e.into()));
-                                return;
-                            }
-                        };
+                    // The writer uses one connection at a time; the second
+                    // is a spare.
+                    let db = match crate::db::connect_writer(&database_url, 2).await {
+                        Ok(db) => db,
+                        Err(e) => {
+                            let _ = ready.send(Err(e.into()));
+                            return;
+                        }
+                    };
                     let _ = ready.send(Ok(()));
-                    let mut tasks = Vec::new();
-                    for queue in receivers {
-                        let worker = Worker {
-                            ledger: worker_ledger.clone(),
-                            db: db.clone(),
-                            queue,
-                            warm: Default::default(),
-                        };
-                        tasks.push(tokio::spawn(worker.work(worker_stop.clone())));
-                    }
-                    for task in tasks {
-                        let _ = task.await;
-                    }
+                    let worker = Worker {
+                        ledger: worker_ledger,
+                        db: db.clone(),
+                        queue: receiver,
+                        warm: Default::default(),
+                    };
+                    let _ = tokio::spawn(worker.work(worker_stop)).await;
                     let _ = db.close().await;
                 });
             })
@@ -344,25 +335,22 @@ impl Ledger {
         tracing::Instrument::instrument(wait, span).await
     }
 
-    /// Jobs waiting in each writer's queue (a job is one call's
-    /// operations).
-    pub fn queue_depths(&self) -> Vec<usize> {
-        self.senders
-            .iter()
-            .map(|s| s.max_capacity().saturating_sub(s.capacity()))
-            .collect()
+    /// Jobs waiting in the writer's queue (a job is one call's operations).
+    pub fn queue_depth(&self) -> usize {
+        self.sender
+            .max_capacity()
+            .saturating_sub(self.sender.capacity())
     }
 
-    /// Puts `ops` on the queue of the first one's organization, as one job.
+    /// Puts `ops` on the writer's queue, as one job.
     fn enqueue(
         &self,
         ops: Vec<Op>,
         span: tracing::Span,
     ) -> Result<Vec<oneshot::Receiver<Result<Outcome>>>> {
-        let Some(first) = ops.first() else {
+        if ops.is_empty() {
             return Ok(Vec::new());
-        };
-        let queue = &self.senders[self.queue_of(first)];
+        }
         let (ops, answers): (Vec<_>, Vec<_>) = ops
             .into_iter()
             .map(|op| {
@@ -370,32 +358,15 @@ impl Ledger {
                 ((op, reply), answer)
             })
             .unzip();
-        queue.try_send(Job { ops, span }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => {
-                Error::Unavailable("the ledger is shutting down".into())
-            }
-        })?;
+        self.sender
+            .try_send(Job { ops, span })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
+                    Error::Unavailable("the ledger is shutting down".into())
+                }
+            })?;
         Ok(answers)
-    }
-
-    /// The writer queue of `op`'s organization.
-    fn queue_of(&self, op: &Op) -> usize {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        match op {
-            Op::Consume(_)
-            | Op::Reserve(_)
-            | Op::Adjust(_)
-            | Op::Grant(_)
-            | Op::Settle(_)
-            | Op::Void(_)
-            | Op::TakeBack(_) => op.named_org().hash(&mut hasher),
-            Op::Commit(i) => i.reservation_id.hash(&mut hasher),
-            Op::Release(i) => i.reservation_id.hash(&mut hasher),
-            Op::Sweep(org_id) => org_id.hash(&mut hasher),
-        }
-        (hasher.finish() % self.senders.len() as u64) as usize
     }
 
     pub async fn consume(&self, input: ConsumeInput) -> Result<ConsumeOutcome> {
