@@ -1012,6 +1012,88 @@ async fn warm_batches_give_way_to_anything_written_meanwhile() {
     replicas.stop().await;
 }
 
+/// One batch holding a warm organization's `Consume`s and another
+/// organization's hold: the `Consume`s are still written warm, in a part of
+/// the batch of their own, and the hold takes the locking path beside them.
+/// Every answer is the one each operation would get on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hold_in_the_batch_does_not_send_warm_consumes_to_the_lock() {
+    use billing::{
+        domain::Meter,
+        ledger::{ConsumeInput, HoldAmount, Op, Outcome, ReserveInput},
+    };
+    use std::sync::atomic::Ordering::SeqCst;
+    let Some(replicas) = Replicas::start().await else {
+        return;
+    };
+    let to_a = replicas.channels[0].clone();
+    let a = &replicas.servers[0];
+    let ledger = &a.state.ledger;
+    let counts = ledger.batch_counts();
+    let consume = |key: &str| {
+        Op::Consume(ConsumeInput {
+            org: "split-warm".into(),
+            meter: Meter::AiTokens,
+            quantity: 1_000,
+            model: None,
+            key: key.into(),
+            description: None,
+        })
+    };
+
+    let mut balance = grant(&to_a, "split-warm", 10 * CREDIT).await;
+    let held_balance = grant(&to_a, "split-held", 10 * CREDIT).await;
+    // The first Consume loads the organization; from then on it is warm.
+    let first = ledger
+        .submit_together(vec![consume("s1")])
+        .await
+        .expect("s1");
+    let Ok(Outcome::Consume(first)) = &first[0] else {
+        panic!("s1: {first:?}");
+    };
+    let cost = first.charged_micros;
+    assert!(cost > 0);
+    balance -= cost;
+    assert_eq!(first.balance_micros, balance);
+
+    let (warm, locked) = (counts.warm.load(SeqCst), counts.locked.load(SeqCst));
+    let results = ledger
+        .submit_together(vec![
+            consume("s2"),
+            Op::Reserve(ReserveInput {
+                org: "split-held".into(),
+                amount: HoldAmount::Micros(3 * CREDIT),
+                ttl_seconds: 600,
+                key: "h1".into(),
+            }),
+            consume("s3"),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(counts.warm.load(SeqCst), warm + 1, "the Consumes ran warm");
+    assert_eq!(
+        counts.locked.load(SeqCst),
+        locked + 1,
+        "the hold ran locked"
+    );
+    let [
+        Ok(Outcome::Consume(s2)),
+        Ok(Outcome::Reserve(h1)),
+        Ok(Outcome::Consume(s3)),
+    ] = &results[..]
+    else {
+        panic!("answers: {results:?}");
+    };
+    assert_eq!(s2.balance_micros, balance - cost);
+    assert_eq!(s3.balance_micros, balance - 2 * cost);
+    assert!(!s2.duplicate && !s3.duplicate);
+    assert_eq!(h1.held_micros, 3 * CREDIT);
+    assert_eq!(held_balance, 10 * CREDIT);
+
+    invariants::check(&a.state.db, Utc::now()).await;
+    replicas.stop().await;
+}
+
 /// Consume-only load on two replicas of one PostgreSQL, the pattern the
 /// warm path serves: 32 callers over two organizations, a third of the keys
 /// shared so replicas race on them. Both replicas run batches warm, and

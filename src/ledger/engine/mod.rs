@@ -20,10 +20,11 @@
 //!
 //! Steps 1, 2 and 4 are `store`'s: on PostgreSQL one statement
 //! locks and loads and one statement writes, so a batch is four round trips
-//! whatever its size. A batch of `Consume`s whose organizations the worker
-//! knows from its own last batch skips steps 1 and 2 and writes in one
-//! autocommitted statement that checks nothing changed meanwhile (see
-//! `batch::Warm`): one round trip.
+//! whatever its size. The organizations whose operations are all
+//! `Consume`s and whose state the writer knows from its own last batch are
+//! split off into a part of the batch of their own, run beside the rest:
+//! it skips steps 1 and 2 and writes in one autocommitted statement that
+//! checks nothing changed meanwhile (see `batch::Warm`): one round trip.
 //!
 //! The parts: `ops` (the operations and how each applies to a book),
 //! `idempotency` (fingerprints and stored answers), `worker` (the queue

@@ -68,6 +68,25 @@ fn record_batch(path: &'static str, operations: usize, started: Instant, result:
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Part of a batch: operations with their slots in it.
+type Part = Vec<(usize, Prepared)>;
+
+/// Whether `op` may be written from a [`Warm`] state: `Consume` only.
+fn may_run_warm(op: &Op) -> bool {
+    match op {
+        Op::Consume(_) => true,
+        Op::Reserve(_)
+        | Op::Commit(_)
+        | Op::Release(_)
+        | Op::Adjust(_)
+        | Op::Grant(_)
+        | Op::Settle(_)
+        | Op::Void(_)
+        | Op::TakeBack(_)
+        | Op::Sweep(_) => false,
+    }
+}
+
 /// A batch worker: the [`Ledger`]'s state plus its own connection pool, on
 /// a thread of its own (see [`Ledger::start`]).
 pub(super) struct Worker {
@@ -152,56 +171,85 @@ impl Worker {
         }
     }
 
-    /// Executes `ops` (one transaction, or one each after a failure) and
-    /// returns one result per op, in order.
+    /// Executes `ops` and returns one result per op, in order.
+    ///
+    /// The organizations that can be written warm (see [`Warm`]) go in a
+    /// batch of their own, run beside the batch of the rest: an
+    /// organization whose holds need the lock does not make the others'
+    /// `Consume`s wait for it. Each organization's operations stay in one
+    /// batch, in arrival order.
     async fn execute(&self, ops: Vec<Op>) -> Vec<Result<Outcome>> {
         let count = ops.len();
         let mut results: Vec<Option<Result<Outcome>>> = (0..count).map(|_| None).collect();
-        let mut prepared = Vec::with_capacity(count);
-        let mut slots = Vec::with_capacity(count);
+        let mut ready = Vec::with_capacity(count);
         for (slot, op) in self.prepare(ops).await.into_iter().enumerate() {
             match op {
-                Ok(p) => {
-                    prepared.push(p);
-                    slots.push(slot);
-                }
+                Ok(p) => ready.push((slot, p)),
                 Err(e) => results[slot] = Some(Err(e)),
             }
         }
-        if !prepared.is_empty() {
-            let outcomes = match self.transact(&prepared).await {
-                Ok(outcomes) => outcomes,
-                // Only a broken rule (one operation's data) is worth
-                // isolating; a database that is down fails every
-                // operation alike, and an unknown outcome must never be
-                // run again.
-                Err(e @ Error::Internal(_)) if prepared.len() > 1 => {
-                    tracing::warn!(error = %e, ops = prepared.len(), "batch failed; running its operations one by one");
-                    let mut each = Vec::with_capacity(prepared.len());
-                    for p in &prepared {
-                        let single = self.transact(std::slice::from_ref(p)).await;
-                        each.push(single.and_then(|mut v| {
-                            v.pop().unwrap_or_else(|| Err(Error::internal("empty")))
-                        }));
-                    }
-                    each
-                }
-                // The same answer for every operation of the batch.
-                Err(e) => prepared.iter().map(|_| Err(e.clone())).collect(),
-            };
-            for (p, outcome) in prepared.iter().zip(&outcomes) {
-                if let Ok(outcome) = outcome {
-                    ops::observe(&p.op, outcome);
-                }
-            }
-            for (slot, outcome) in slots.into_iter().zip(outcomes) {
-                results[slot] = Some(outcome);
-            }
+        let (warm, rest) = self.split_warm(ready);
+        let (warm, rest) = futures::join!(self.run_batch_part(warm), self.run_batch_part(rest));
+        for (slot, outcome) in warm.into_iter().chain(rest) {
+            results[slot] = Some(outcome);
         }
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::internal("operation lost in batch"))))
             .collect()
+    }
+
+    /// One transaction over `part` (or one each after a failure), with the
+    /// result of each operation by its slot in the batch.
+    async fn run_batch_part(&self, part: Part) -> Vec<(usize, Result<Outcome>)> {
+        if part.is_empty() {
+            return Vec::new();
+        }
+        let (slots, prepared): (Vec<usize>, Vec<Prepared>) = part.into_iter().unzip();
+        let outcomes = match self.transact(&prepared).await {
+            Ok(outcomes) => outcomes,
+            // Only a broken rule (one operation's data) is worth
+            // isolating; a database that is down fails every operation
+            // alike, and an unknown outcome must never be run again.
+            Err(e @ Error::Internal(_)) if prepared.len() > 1 => {
+                tracing::warn!(error = %e, ops = prepared.len(), "batch failed; running its operations one by one");
+                let mut each = Vec::with_capacity(prepared.len());
+                for p in &prepared {
+                    let single = self.transact(std::slice::from_ref(p)).await;
+                    each.push(single.and_then(|mut v| {
+                        v.pop().unwrap_or_else(|| Err(Error::internal("empty")))
+                    }));
+                }
+                each
+            }
+            // The same answer for every operation of the batch.
+            Err(e) => prepared.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (p, outcome) in prepared.iter().zip(&outcomes) {
+            if let Ok(outcome) = outcome {
+                ops::observe(&p.op, outcome);
+            }
+        }
+        slots.into_iter().zip(outcomes).collect()
+    }
+
+    /// Splits a batch by organization: those whose every operation may be
+    /// written warm, and the rest (everything, on SQLite).
+    fn split_warm(&self, ready: Part) -> (Part, Part) {
+        if self.inner.write_lock.is_some() {
+            return (Vec::new(), ready);
+        }
+        let cold: std::collections::HashSet<i64> = match self.warm.lock() {
+            Ok(warm) => ready
+                .iter()
+                .filter(|(_, p)| !may_run_warm(&p.op) || !warm.contains_key(&p.org_id))
+                .map(|(_, p)| p.org_id)
+                .collect(),
+            Err(_) => return (Vec::new(), ready),
+        };
+        ready
+            .into_iter()
+            .partition(|(_, p)| !cold.contains(&p.org_id))
     }
 
     /// Resolves organizations, costs and idempotency fingerprints.
@@ -572,19 +620,7 @@ impl Worker {
         if self.inner.write_lock.is_some() {
             return None;
         }
-        let usage_only = ops.iter().all(|p| match p.op {
-            Op::Consume(_) => true,
-            Op::Reserve(_)
-            | Op::Commit(_)
-            | Op::Release(_)
-            | Op::Adjust(_)
-            | Op::Grant(_)
-            | Op::Settle(_)
-            | Op::Void(_)
-            | Op::TakeBack(_)
-            | Op::Sweep(_) => false,
-        });
-        if !usage_only {
+        if !ops.iter().all(|p| may_run_warm(&p.op)) {
             return None;
         }
         let warm = self.warm.lock().ok()?;
