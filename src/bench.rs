@@ -44,6 +44,10 @@ use crate::{
 pub enum Workload {
     /// `UsageService.Consume`, unique idempotency keys.
     Consume,
+    /// Holds beside `Consume`s: on the odd organizations a call is a hold
+    /// (`UsageService.Reserve`, then `Commit` of it, counted as one call),
+    /// on the even ones a `Consume`.
+    Mixed,
     /// `UsageService.CheckAllowance`.
     Allowance,
     /// `CreditsService.GetBalance`.
@@ -56,6 +60,7 @@ impl Workload {
     fn method(self) -> &'static str {
         match self {
             Self::Consume => "Consume",
+            Self::Mixed => "Mixed",
             Self::Allowance => "CheckAllowance",
             Self::Balance => "GetBalance",
             Self::Health => "Health/Check",
@@ -341,9 +346,40 @@ fn print_ratios(runs: &[Run]) {
                     );
                 }
             }
-            Workload::Health => {}
+            Workload::Mixed | Workload::Health => {}
         }
     }
+}
+
+/// One hold of `org`: `Reserve` 2,000 tokens' worth, then `Commit` 1,000
+/// tokens of it. Whether both succeeded.
+async fn hold_cycle(
+    usage: &mut pb::usage_service_client::UsageServiceClient<Channel>,
+    token: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    org: &str,
+    key: &str,
+) -> bool {
+    let mut reserve = Request::new(pb::ReserveRequest {
+        org_id: org.to_owned(),
+        meter: Some("ai_tokens".into()),
+        quantity: Some(2000),
+        idempotency_key: key.to_owned(),
+        ..Default::default()
+    });
+    reserve
+        .metadata_mut()
+        .insert("authorization", token.clone());
+    let Ok(hold) = usage.reserve(reserve).await else {
+        return false;
+    };
+    let mut commit = Request::new(pb::CommitRequest {
+        reservation_id: hold.into_inner().reservation_id,
+        meter: "ai_tokens".into(),
+        quantity: 1000,
+        ..Default::default()
+    });
+    commit.metadata_mut().insert("authorization", token.clone());
+    usage.commit(commit).await.is_ok()
 }
 
 async fn connect(url: &str) -> anyhow::Result<Channel> {
@@ -410,6 +446,22 @@ async fn drive(
                 let org = (client + i) % orgs.len();
                 let ok = match workload {
                     Workload::Consume => {
+                        let mut request = Request::new(pb::ConsumeRequest {
+                            org_id: orgs[org].clone(),
+                            meter: "ai_tokens".into(),
+                            quantity: 1000,
+                            idempotency_key: format!("{tag}-{i}"),
+                            ..Default::default()
+                        });
+                        request
+                            .metadata_mut()
+                            .insert("authorization", service.clone());
+                        usage.consume(request).await.is_ok()
+                    }
+                    Workload::Mixed if org % 2 == 1 => {
+                        hold_cycle(&mut usage, &service, &orgs[org], &format!("{tag}-{i}")).await
+                    }
+                    Workload::Mixed => {
                         let mut request = Request::new(pb::ConsumeRequest {
                             org_id: orgs[org].clone(),
                             meter: "ai_tokens".into(),
