@@ -189,18 +189,7 @@ async fn load(
         org_ids,
         named_holds: ops
             .iter()
-            .filter_map(|p| match &p.op {
-                Op::Commit(i) => Some(i.reservation_id.clone()),
-                Op::Release(i) => Some(i.reservation_id.clone()),
-                Op::Consume(_)
-                | Op::Reserve(_)
-                | Op::Adjust(_)
-                | Op::Grant(_)
-                | Op::Settle(_)
-                | Op::Void(_)
-                | Op::TakeBack(_)
-                | Op::Sweep(_) => None,
-            })
+            .filter_map(|p| p.op.named_hold().map(str::to_owned))
             .collect(),
         keys: ops
             .iter()

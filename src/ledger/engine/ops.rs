@@ -67,6 +67,22 @@ impl Op {
             Op::Commit(_) | Op::Release(_) | Op::Sweep(_) => None,
         }
     }
+
+    /// The hold the operation finishes (`Commit`, `Release`).
+    pub(super) fn named_hold(&self) -> Option<&str> {
+        match self {
+            Op::Commit(i) => Some(&i.reservation_id),
+            Op::Release(i) => Some(&i.reservation_id),
+            Op::Consume(_)
+            | Op::Reserve(_)
+            | Op::Adjust(_)
+            | Op::Grant(_)
+            | Op::Settle(_)
+            | Op::Void(_)
+            | Op::TakeBack(_)
+            | Op::Sweep(_) => None,
+        }
+    }
 }
 
 /// The answer to an [`Op`]: always the variant of the same name.

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -270,18 +272,38 @@ impl Worker {
                     .collect();
             }
         };
+        let holds = self.hold_orgs(&ops).await;
         let rates = self.rates();
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
-            out.push(self.prepare_one(op, &orgs, &rates).await);
+            out.push(self.prepare_one(op, &orgs, &holds, &rates).await);
         }
         out
+    }
+
+    /// The organization of every hold that `ops` commit or release, by
+    /// hold id, in one query.
+    async fn hold_orgs(&self, ops: &[Op]) -> Result<HashMap<String, i64>> {
+        let ids: Vec<&str> = ops.iter().filter_map(Op::named_hold).collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, i64)> = reservation::Entity::find()
+            .select_only()
+            .column(reservation::Column::Id)
+            .column(reservation::Column::OrgId)
+            .filter(reservation::Column::Id.is_in(ids))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().collect())
     }
 
     async fn prepare_one(
         &self,
         op: Op,
         orgs: &HashMap<String, i64>,
+        holds: &Result<HashMap<String, i64>>,
         rates: &Rates,
     ) -> Result<Prepared> {
         let org = |ext: &str| {
@@ -344,7 +366,9 @@ impl Worker {
                 })
             }
             Op::Commit(ref i) => {
-                let org_id = self.hold_org(&i.reservation_id, i.org.as_deref()).await?;
+                let org_id = self
+                    .hold_org(holds, &i.reservation_id, i.org.as_deref())
+                    .await?;
                 let cost = rates.cost(i.meter, i.model.as_deref(), i.quantity)?;
                 Ok(Prepared {
                     org_id,
@@ -354,7 +378,9 @@ impl Worker {
                 })
             }
             Op::Release(ref i) => {
-                let org_id = self.hold_org(&i.reservation_id, i.org.as_deref()).await?;
+                let org_id = self
+                    .hold_org(holds, &i.reservation_id, i.org.as_deref())
+                    .await?;
                 Ok(Prepared {
                     org_id,
                     op,
@@ -458,18 +484,25 @@ impl Worker {
         }
     }
 
-    /// The organization of reservation `id` (checked against `org`).
-    async fn hold_org(&self, id: &str, org: Option<&str>) -> Result<i64> {
-        let row = reservation::Entity::find_by_id(id.to_owned())
-            .one(&self.db)
-            .await?
+    /// The organization of reservation `id`, from the batch's `holds`
+    /// (checked against `org`).
+    async fn hold_org(
+        &self,
+        holds: &Result<HashMap<String, i64>>,
+        id: &str,
+        org: Option<&str>,
+    ) -> Result<i64> {
+        let org_id = *holds
+            .as_ref()
+            .map_err(Clone::clone)?
+            .get(id)
             .ok_or(Error::ReservationNotFound)?;
         if let Some(ext) = org
-            && self.org_id_on(&self.db, ext).await? != Some(row.org_id)
+            && self.org_id_on(&self.db, ext).await? != Some(org_id)
         {
             return Err(Error::ReservationNotFound);
         }
-        Ok(row.org_id)
+        Ok(org_id)
     }
 
     /// The batch committed (or may have): this process's cached balances
