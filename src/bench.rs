@@ -445,23 +445,10 @@ async fn drive(
                 }
                 let org = (client + i) % orgs.len();
                 let ok = match workload {
-                    Workload::Consume => {
-                        let mut request = Request::new(pb::ConsumeRequest {
-                            org_id: orgs[org].clone(),
-                            meter: "ai_tokens".into(),
-                            quantity: 1000,
-                            idempotency_key: format!("{tag}-{i}"),
-                            ..Default::default()
-                        });
-                        request
-                            .metadata_mut()
-                            .insert("authorization", service.clone());
-                        usage.consume(request).await.is_ok()
-                    }
                     Workload::Mixed if org % 2 == 1 => {
                         hold_cycle(&mut usage, &service, &orgs[org], &format!("{tag}-{i}")).await
                     }
-                    Workload::Mixed => {
+                    Workload::Consume | Workload::Mixed => {
                         let mut request = Request::new(pb::ConsumeRequest {
                             org_id: orgs[org].clone(),
                             meter: "ai_tokens".into(),
