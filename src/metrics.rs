@@ -122,7 +122,7 @@ fn describe() {
     );
     describe_gauge!(
         QUEUE_DEPTH,
-        "Operations waiting in a ledger writer's queue."
+        "Jobs (one call's operations each) waiting in the ledger writer's queue."
     );
     describe_counter!(
         CREDITS_CONSUMED,

@@ -213,8 +213,8 @@ impl Ledger {
                     }
                 };
                 runtime.block_on(async move {
-                    // The writer uses one connection at a time; the second
-                    // is a spare.
+                    // Two connections: a batch's warm part and the rest run
+                    // at once, one connection each.
                     let db = match crate::db::connect_writer(&database_url, 2).await {
                         Ok(db) => db,
                         Err(e) => {
