@@ -188,8 +188,11 @@ impl Worker {
                 Err(e) => results[slot] = Some(Err(e)),
             }
         }
-        let (warm, rest) = self.split_warm(ready);
-        let (warm, rest) = futures::join!(self.run_batch_part(warm), self.run_batch_part(rest));
+        let (warm, states, rest) = self.split_warm(ready);
+        let (warm, rest) = futures::join!(
+            self.run_batch_part(warm, Some(&states)),
+            self.run_batch_part(rest, None)
+        );
         for (slot, outcome) in warm.into_iter().chain(rest) {
             results[slot] = Some(outcome);
         }
@@ -199,14 +202,19 @@ impl Worker {
             .collect()
     }
 
-    /// One transaction over `part` (or one each after a failure), with the
-    /// result of each operation by its slot in the batch.
-    async fn run_batch_part(&self, part: Part) -> Vec<(usize, Result<Outcome>)> {
+    /// One transaction over `part` (or one each, locked, after a failure),
+    /// starting from `warm` when given, with the result of each operation
+    /// by its slot in the batch.
+    async fn run_batch_part(
+        &self,
+        part: Part,
+        warm: Option<&HashMap<i64, Warm>>,
+    ) -> Vec<(usize, Result<Outcome>)> {
         if part.is_empty() {
             return Vec::new();
         }
         let (slots, prepared): (Vec<usize>, Vec<Prepared>) = part.into_iter().unzip();
-        let outcomes = match self.transact(&prepared).await {
+        let outcomes = match self.transact(&prepared, warm).await {
             Ok(outcomes) => outcomes,
             // Only a broken rule (one operation's data) is worth
             // isolating; a database that is down fails every operation
@@ -215,7 +223,7 @@ impl Worker {
                 tracing::warn!(error = %e, ops = prepared.len(), "batch failed; running its operations one by one");
                 let mut each = Vec::with_capacity(prepared.len());
                 for p in &prepared {
-                    let single = self.transact(std::slice::from_ref(p)).await;
+                    let single = self.transact(std::slice::from_ref(p), None).await;
                     each.push(single.and_then(|mut v| {
                         v.pop().unwrap_or_else(|| Err(Error::internal("empty")))
                     }));
@@ -233,23 +241,36 @@ impl Worker {
         slots.into_iter().zip(outcomes).collect()
     }
 
-    /// Splits a batch by organization: those whose every operation may be
-    /// written warm, and the rest (everything, on SQLite).
-    fn split_warm(&self, ready: Part) -> (Part, Part) {
+    /// Splits a batch by organization: those that may be written from the
+    /// writer's [`Warm`] states (PostgreSQL; every operation a `Consume`,
+    /// the organization's state known), with those states, and the rest
+    /// (everything, on SQLite).
+    fn split_warm(&self, ready: Part) -> (Part, HashMap<i64, Warm>, Part) {
+        let mut states = HashMap::new();
         if self.inner.write_lock.is_some() {
-            return (Vec::new(), ready);
+            return (Vec::new(), states, ready);
         }
-        let cold: std::collections::HashSet<i64> = match self.warm.lock() {
-            Ok(warm) => ready
-                .iter()
-                .filter(|(_, p)| !may_run_warm(&p.op) || !warm.contains_key(&p.org_id))
-                .map(|(_, p)| p.org_id)
-                .collect(),
-            Err(_) => return (Vec::new(), ready),
+        let Ok(warm) = self.warm.lock() else {
+            return (Vec::new(), states, ready);
         };
-        ready
+        let cold: std::collections::HashSet<i64> = ready
+            .iter()
+            .filter(|(_, p)| !may_run_warm(&p.op) || !warm.contains_key(&p.org_id))
+            .map(|(_, p)| p.org_id)
+            .collect();
+        for (_, p) in &ready {
+            if !cold.contains(&p.org_id)
+                && !states.contains_key(&p.org_id)
+                && let Some(state) = warm.get(&p.org_id)
+            {
+                states.insert(p.org_id, state.clone());
+            }
+        }
+        drop(warm);
+        let (hot, rest) = ready
             .into_iter()
-            .partition(|(_, p)| !cold.contains(&p.org_id))
+            .partition(|(_, p)| states.contains_key(&p.org_id));
+        (hot, states, rest)
     }
 
     /// Resolves organizations, costs and idempotency fingerprints.
@@ -521,18 +542,22 @@ impl Worker {
 
     /// One transaction over `ops`, retried on transient failures.
     ///
-    /// On PostgreSQL a batch of `Consume`s whose organizations this worker
-    /// knows from its last batch ([`Warm`]) first runs without loading:
-    /// one autocommitted write, checked against the organization rows. If
+    /// Given the [`Warm`] states of its organizations (from
+    /// [`Self::split_warm`]), the batch first runs without loading: one
+    /// autocommitted write, checked against the organization rows. If
     /// that write fails without writing (someone else wrote, a key was
     /// stored already, an operation was refused) the batch runs again on
     /// the locking path, which always progresses.
-    async fn transact(&self, ops: &[Prepared]) -> Result<Vec<Result<Outcome>>> {
-        if let Some(warm) = self.warm_for(ops) {
+    async fn transact(
+        &self,
+        ops: &[Prepared],
+        warm: Option<&HashMap<i64, Warm>>,
+    ) -> Result<Vec<Result<Outcome>>> {
+        if let Some(warm) = warm {
             let now = self.now();
             let started = Instant::now();
             let result = tracing::Instrument::instrument(
-                apply_batch(Source::Warm(&self.db, &warm), ops, now),
+                apply_batch(Source::Warm(&self.db, warm), ops, now),
                 db_span("warm write"),
             )
             .await;
@@ -642,24 +667,6 @@ impl Worker {
         self.written(ops);
         tracing::warn!(error = %e, ops = ops.len(), "ledger write failed midway; outcome unknown");
         Error::Unavailable(OUTCOME_UNKNOWN.into())
-    }
-
-    /// The warm states of every organization of `ops`, if the batch can
-    /// start from them: PostgreSQL, `Consume`s only, each organization
-    /// known.
-    fn warm_for(&self, ops: &[Prepared]) -> Option<HashMap<i64, Warm>> {
-        if self.inner.write_lock.is_some() {
-            return None;
-        }
-        if !ops.iter().all(|p| may_run_warm(&p.op)) {
-            return None;
-        }
-        let warm = self.warm.lock().ok()?;
-        let mut out = HashMap::new();
-        for p in ops {
-            out.insert(p.org_id, warm.get(&p.org_id)?.clone());
-        }
-        Some(out)
     }
 
     /// Remembers what a committed batch left (or forgets it, where a later
